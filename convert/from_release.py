@@ -1,0 +1,131 @@
+"""Import a release directory into a k25jax model (host-side, tensor by tensor).
+
+Every tensor in the files is used exactly once: missing, unexpected, mis-shaped or mis-typed tensors raise
+:class:`~convert.release.ReleaseError` naming them (and their file).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from convert.keymap import Entry, release_entries
+from convert.release import ReleaseError, ReleaseReader
+from k25jax.config import K25Config, from_release_config
+from k25jax.model import K25, abstract_model
+
+MAX_LISTED = 8
+
+
+def _listing(names) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
+def check_tensors(reader: ReleaseReader, entries: list[Entry]) -> None:
+    """Raise unless the files hold exactly the expected tensors with the expected shapes and dtypes."""
+    expected = {s.name: s for e in entries for s in e.sources}
+    missing = expected.keys() - reader.tensors.keys()
+    if missing:
+        raise ReleaseError(f"{reader.path}: missing tensors: {_listing(missing)}")
+    unexpected = reader.tensors.keys() - expected.keys()
+    if unexpected:
+        files = sorted({reader.tensors[n].file for n in unexpected})
+        raise ReleaseError(f"{reader.path}: unexpected tensors (in {', '.join(files)}): {_listing(unexpected)}")
+    for name, src in expected.items():
+        info = reader.tensors[name]
+        if info.shape != src.shape:
+            raise ReleaseError(
+                f"{os.path.join(reader.path, info.file)}: tensor {name} has shape {list(info.shape)}, "
+                f"expected {list(src.shape)} from config.json"
+            )
+        if info.dtype != src.dtype:
+            raise ReleaseError(
+                f"{os.path.join(reader.path, info.file)}: tensor {name} has dtype {info.dtype}, expected {src.dtype}"
+            )
+
+
+def load_release(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.bfloat16,
+    param_dtype=None,
+    progress: bool = True,
+    config: K25Config | None = None,
+) -> K25:
+    """Load a release directory into a ready :class:`~k25jax.model.K25` (single host, unsharded).
+
+    Args:
+      path: release directory (``config.json`` + safetensors shards + index).
+      dtype: compute dtype. param_dtype: parameter dtype (default: ``dtype``).
+      progress: show a progress bar over bytes read.
+    """
+    path = os.fspath(path)
+    cfg = config or from_release_config(path)
+    reader = ReleaseReader(path)
+    entries = release_entries(cfg)
+    check_tensors(reader, entries)
+
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], int] = defaultdict(int)
+    slots: dict[tuple[str, ...], int] = {}
+    for e in entries:
+        for t in e.targets:
+            if t.path not in flat:
+                raise KeyError(f"keymap target {'/'.join(t.path)} is not a parameter of the model")
+            if t.path not in buffers:
+                var = flat[t.path]
+                buffers[t.path] = np.empty(var.shape, np.dtype(var.dtype))
+                slots[t.path] = int(np.prod(var.shape[: len(t.index)], dtype=np.int64))
+
+    by_source = {s.name: e for e in entries for s in e.sources}
+    pending: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+    total = sum(reader.file_bytes(f) for f in reader.files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="load release", disable=not progress) as bar:
+        for file in reader.files:
+            for name, array in reader.iter_file(file):
+                entry = by_source[name]
+                got = pending[id(entry)]
+                got[name] = array
+                if len(got) < len(entry.sources):
+                    continue
+                del pending[id(entry)]
+                try:
+                    values = entry.load([got[s.name] for s in entry.sources])
+                except ValueError as err:
+                    raise ReleaseError(f"{os.path.join(path, file)}: {err}") from None
+                for target, value in zip(entry.targets, values, strict=True):
+                    buf = buffers[target.path]
+                    if value.shape != buf.shape[len(target.index) :]:
+                        raise ReleaseError(
+                            f"{os.path.join(path, file)}: tensor {name} maps to shape "
+                            f"{list(value.shape)}, parameter {'/'.join(target.path)} expects "
+                            f"{list(buf.shape[len(target.index) :])}"
+                        )
+                    buf[target.index] = value.astype(buf.dtype)
+                    filled[target.path] += 1
+            bar.update(reader.file_bytes(file))
+    unfilled = [("/".join(p), filled[p], n) for p, n in slots.items() if filled[p] != n]
+    if unfilled:  # cannot happen when check_tensors passed; kept as an internal consistency check
+        raise ReleaseError(f"{path}: parameters left unfilled: {unfilled[:MAX_LISTED]}")
+    unmapped = set(flat) - set(buffers)
+    if unmapped:
+        raise KeyError(f"model parameters with no release tensor: {sorted('/'.join(p) for p in unmapped)}")
+    new_state = nnx.from_flat_state([(p, v.replace(jnp.asarray(buffers[p]))) for p, v in flat.items()])
+    return nnx.merge(graphdef, new_state)
+
+
+def host_arrays(model: K25) -> dict[tuple[str, ...], jax.Array]:
+    """Flat ``{path: array}`` view of a model's parameters (handy in tests and converters)."""
+    _, state = nnx.split(model)
+    return {p: v.get_value() for p, v in nnx.to_flat_state(state)}

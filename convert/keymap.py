@@ -1,0 +1,192 @@
+"""Release tensor names <-> k25jax parameter paths: the only place release names appear.
+
+:func:`release_entries` lists, for a config, every tensor a release must hold (name, shape, dtype) and
+where it lands in the k25jax parameter tree, with the layout transform each way. Release linear weights
+are ``[out, in]`` (torch layout); k25jax keeps ``[in, out]`` with heads split out, and stacks layers
+(and experts) on leading axes. The loader checks files against this list: every tensor used exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from k25jax import quant
+from k25jax.config import K25Config, TextConfig
+
+# safetensors dtype names
+BF16, F32, I32 = "BF16", "F32", "I32"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One tensor in the release files."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """A slot of a k25jax parameter: its state path and the index into its stacked leading axes."""
+
+    path: tuple[str, ...]
+    index: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Release sources -> k25jax targets. ``load(arrays, cfg) -> arrays`` maps source arrays to target slots."""
+
+    sources: tuple[Source, ...]
+    targets: tuple[Target, ...]
+    load: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+    kind: str = "dense"  # "dense" | "expert" (INT4 packed or plain routed-expert weight)
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.T)
+
+
+def text_prefix(cfg: K25Config) -> str:
+    return "" if cfg.layout == "deepseek_v3" else "language_model."
+
+
+def layer_slot(t: TextConfig, layer: int) -> tuple[str, int]:
+    """Decoder layer index -> (stack name, index in that stack)."""
+    if layer < t.num_dense_layers:
+        return "dense_layers", layer
+    return "moe_layers", layer - t.num_dense_layers
+
+
+def _linear(name: str, out_dim: int, in_dim: int, target: Target) -> Entry:
+    return Entry((Source(name, (out_dim, in_dim), BF16),), (target,), lambda a: [_t(a[0])])
+
+
+def _norm(name: str, dim: int, target: Target) -> Entry:
+    return Entry((Source(name, (dim,), BF16),), (target,), lambda a: [a[0]])
+
+
+def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) -> list[Entry]:
+    D, H = t.hidden_size, t.num_attention_heads
+    C, R, Kn, Kv, Kqk = t.kv_lora_rank, t.qk_rope_head_dim, t.qk_nope_head_dim, t.v_head_dim, t.qk_head_dim
+    a = stack + ("attn",)
+
+    def tgt(*names: str) -> Target:
+        return Target(a + names, (i,))
+
+    def per_head_in(out_dim_split: int):  # [H*K, in] -> [in, H, K]
+        return lambda arr: [np.ascontiguousarray(arr[0].reshape(H, out_dim_split, -1).transpose(2, 0, 1))]
+
+    out: list[Entry] = []
+    if t.q_lora_rank is None:
+        out.append(Entry((Source(f"{p}q_proj.weight", (H * Kqk, D), BF16),), (tgt("q_proj"),), per_head_in(Kqk)))
+    else:
+        Q = t.q_lora_rank
+        out.append(_linear(f"{p}q_a_proj.weight", Q, D, tgt("q_a_proj")))
+        out.append(_norm(f"{p}q_a_layernorm.weight", Q, tgt("q_a_norm", "weight")))
+        out.append(Entry((Source(f"{p}q_b_proj.weight", (H * Kqk, Q), BF16),), (tgt("q_b_proj"),), per_head_in(Kqk)))
+    out.append(_linear(f"{p}kv_a_proj_with_mqa.weight", C + R, D, tgt("kv_a_proj")))
+    out.append(_norm(f"{p}kv_a_layernorm.weight", C, tgt("kv_a_norm", "weight")))
+
+    def split_kv_b(arr):  # [H*(Kn+Kv), C] -> k_up [C, H, Kn], v_up [C, H, Kv]
+        w = arr[0].reshape(H, Kn + Kv, C).transpose(2, 0, 1)
+        return [np.ascontiguousarray(w[..., :Kn]), np.ascontiguousarray(w[..., Kn:])]
+
+    out.append(
+        Entry((Source(f"{p}kv_b_proj.weight", (H * (Kn + Kv), C), BF16),), (tgt("k_up"), tgt("v_up")), split_kv_b)
+    )
+    out.append(
+        Entry(
+            (Source(f"{p}o_proj.weight", (D, H * Kv), BF16),),
+            (tgt("o_proj"),),
+            lambda arr: [np.ascontiguousarray(arr[0].T.reshape(H, Kv, D))],
+        )
+    )
+    return out
+
+
+def _mlp_entries(p: str, D: int, F: int, base: tuple[str, ...], index: tuple[int, ...]) -> list[Entry]:
+    return [
+        _linear(f"{p}gate_proj.weight", F, D, Target(base + ("gate_proj",), index)),
+        _linear(f"{p}up_proj.weight", F, D, Target(base + ("up_proj",), index)),
+        _linear(f"{p}down_proj.weight", D, F, Target(base + ("down_proj",), index)),
+    ]
+
+
+def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Target) -> Entry:
+    """A routed-expert projection ``[out, in]``: INT4 pack-quantized, or plain bf16 when unquantized."""
+    q = cfg.quantization
+    if q is None:
+        return Entry((Source(f"{p}.weight", (out_dim, in_dim), BF16),), (target,), lambda a: [_t(a[0])], "expert")
+    words = -(-in_dim // quant.NIBBLES_PER_WORD)
+    sources = (
+        Source(f"{p}.weight_packed", (out_dim, words), I32),
+        Source(f"{p}.weight_scale", (out_dim, in_dim // q.group_size), BF16),
+        Source(f"{p}.weight_shape", (2,), I32),
+    )
+
+    def load(arrays):
+        packed, scale, shape = arrays
+        if tuple(int(s) for s in shape) != (out_dim, in_dim):
+            raise ValueError(f"tensor {p}.weight_shape holds {[int(s) for s in shape]}, expected {[out_dim, in_dim]}")
+        values = quant.unpack_int4(packed, in_dim)
+        return [_t(quant.dequantize(values, scale, q.group_size))]
+
+    return Entry(sources, (target,), load, "expert")
+
+
+def text_entries(cfg: K25Config) -> list[Entry]:
+    t = cfg.text
+    pre = text_prefix(cfg)
+    D, V = t.hidden_size, t.vocab_size
+    out = [
+        Entry(
+            (Source(f"{pre}model.embed_tokens.weight", (V, D), BF16),),
+            (Target(("text", "embed_tokens")),),
+            lambda a: [a[0]],
+        ),
+        _norm(f"{pre}model.norm.weight", D, Target(("text", "norm", "weight"))),
+        _linear(f"{pre}lm_head.weight", V, D, Target(("text", "lm_head"))),
+    ]
+    for layer in range(t.num_hidden_layers):
+        stack_name, i = layer_slot(t, layer)
+        stack = ("text", stack_name)
+        p = f"{pre}model.layers.{layer}."
+        out.append(_norm(f"{p}input_layernorm.weight", D, Target(stack + ("input_norm", "weight"), (i,))))
+        out.append(_norm(f"{p}post_attention_layernorm.weight", D, Target(stack + ("post_attn_norm", "weight"), (i,))))
+        out += _attention_entries(t, f"{p}self_attn.", stack, i)
+        mlp = stack + ("mlp",)
+        if stack_name == "dense_layers":
+            out += _mlp_entries(f"{p}mlp.", D, t.intermediate_size, mlp, (i,))
+            continue
+        E, F = t.n_routed_experts, t.moe_intermediate_size
+        out.append(_linear(f"{p}mlp.gate.weight", E, D, Target(mlp + ("router",), (i,))))
+        out.append(
+            Entry(
+                (Source(f"{p}mlp.gate.e_score_correction_bias", (E,), F32),),
+                (Target(mlp + ("correction_bias",), (i,)),),
+                lambda a: [a[0]],
+            )
+        )
+        if t.n_shared_experts:
+            out += _mlp_entries(f"{p}mlp.shared_experts.", D, F * t.n_shared_experts, mlp + ("shared",), (i,))
+        experts = mlp + ("experts",)
+        for e in range(E):
+            ep = f"{p}mlp.experts.{e}."
+            out.append(_expert_entry(cfg, ep + "gate_proj", F, D, Target(experts + ("gate_proj",), (i, e))))
+            out.append(_expert_entry(cfg, ep + "up_proj", F, D, Target(experts + ("up_proj",), (i, e))))
+            out.append(_expert_entry(cfg, ep + "down_proj", D, F, Target(experts + ("down_proj",), (i, e))))
+    return out
+
+
+def release_entries(cfg: K25Config) -> list[Entry]:
+    """Every tensor the release of ``cfg`` holds, with its destination. Order: text stack, then vision."""
+    return text_entries(cfg)
+
+
+def release_tensor_count(cfg: K25Config) -> int:
+    return sum(len(e.sources) for e in release_entries(cfg))

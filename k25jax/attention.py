@@ -1,0 +1,102 @@
+"""Multi-head latent attention (MLA), full form for prefill and training.
+
+Math: ``shared/docs/k25-architecture.md`` section 2. Weights keep the layout the math wants:
+``q_b_proj [Q, H, K]``, ``kv_b_proj`` split into ``k_up [C, H, Kn]`` and ``v_up [C, H, Kv]`` (the W_UK / W_UV
+blocks the absorbed decode form uses), ``o_proj [H, Kv, D]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k25jax.config import TextConfig
+from k25jax.layers import RMSNorm, param
+from k25jax.rope import apply_rope_interleaved
+
+NEG_INF = -1e30
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = param(
+                rngs, (D, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"), param_dtype, what="MLA.q_proj"
+            )
+        else:
+            Q = cfg.q_lora_rank
+            self.q_a_proj = param(rngs, (D, Q), ("embed", "q_lora"), param_dtype, what="MLA.q_a_proj")
+            self.q_a_norm = RMSNorm(Q, cfg.latent_norm_eps, param_dtype=param_dtype, rngs=rngs)
+            self.q_b_proj = param(
+                rngs, (Q, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), param_dtype, what="MLA.q_b_proj"
+            )
+        self.kv_a_proj = param(rngs, (D, C + R), ("embed", "kv_lora"), param_dtype, what="MLA.kv_a_proj")
+        self.kv_a_norm = RMSNorm(C, cfg.latent_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.k_up = param(
+            rngs, (C, H, cfg.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"), param_dtype, what="MLA.k_up"
+        )
+        self.v_up = param(rngs, (C, H, cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), param_dtype, what="MLA.v_up")
+        self.o_proj = param(
+            rngs, (H, cfg.v_head_dim, D), ("heads", "head_dim", "embed"), param_dtype, what="MLA.o_proj"
+        )
+
+    # -- projections shared by the full and absorbed forms ---------------------------------------------
+    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, T, D]`` -> ``q_nope [B, T, H, Kn]`` and roped ``q_pe [B, T, H, R]``."""
+        cfg, dt = self.cfg, self.dtype
+        if cfg.q_lora_rank is None:
+            q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+        else:
+            c_q = self.q_a_norm(jnp.einsum("btd,dq->btq", x, self.q_a_proj[...].astype(dt)))
+            q = jnp.einsum("btq,qhk->bthk", c_q, self.q_b_proj[...].astype(dt))
+        q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+        q_pe = apply_rope_interleaved(q_pe, cos[:, :, None, :], sin[:, :, None, :])
+        return q_nope, q_pe
+
+    def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x [B, T, D]`` -> normed ``c_kv [B, T, C]`` and roped ``k_pe [B, T, R]`` (what the latent cache holds)."""
+        C = self.cfg.kv_lora_rank
+        kv = jnp.einsum("btd,dc->btc", x, self.kv_a_proj[...].astype(self.dtype))
+        c_kv = self.kv_a_norm(kv[..., :C])
+        k_pe = apply_rope_interleaved(kv[..., C:], cos, sin)
+        return c_kv, k_pe
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """``o [B, T, H, Kv]`` -> ``[B, T, D]``."""
+        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
+
+    # -- full form -------------------------------------------------------------------------------------
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """Full-form MLA.
+
+        Args:
+          x: ``[B, T, D]`` normed hidden states.
+          cos, sin: ``[B, T, R/2]`` rope tables for the query positions (also the key positions).
+          mask: ``[B, T, S]`` boolean, True where query t may attend key s (S == T here).
+        Returns: ``[B, T, D]`` in the compute dtype.
+        """
+        dt = self.dtype
+        x = x.astype(dt)
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latents(x, cos, sin)
+        k_nope = jnp.einsum("bsc,chk->bshk", c_kv, self.k_up[...].astype(dt))
+        v = jnp.einsum("bsc,chk->bshk", c_kv, self.v_up[...].astype(dt))
+        scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, :, :], scores * self.cfg.attention_scale, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        o = jnp.einsum("bhts,bshk->bthk", probs, v)
+        return self.out(o)
+
+
+def causal_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:
+    """``[B, T, S]`` mask: key s visible to query t when ``k_pos <= q_pos`` (and the key is valid)."""
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if k_valid is not None:
+        mask &= k_valid[:, None, :]
+    return mask

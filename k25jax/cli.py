@@ -1,0 +1,64 @@
+"""The ``k25jax`` command line. Each subcommand lives in its own ``register_*`` function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _load(model: str, dtype: str):
+    import jax.numpy as jnp
+
+    from k25jax import build_model, load_model, preset
+
+    compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
+    if model == "tiny":
+        return build_model(preset("tiny"), dtype=compute)
+    return load_model(model, compute_dtype=compute)
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    """One forward pass: print the top next-token candidates for a list of token ids."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    model = _load(args.model, args.dtype)
+    ids = [int(x) for x in args.ids.split(",") if x.strip()]
+    if not ids:
+        raise SystemExit("k25jax forward: --ids needs at least one token id")
+    vocab = model.cfg.text.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise SystemExit(f"k25jax forward: token ids {bad} are outside the vocabulary [0, {vocab})")
+    logits = np.asarray(jax.jit(lambda x: model(x))(jnp.asarray([ids], jnp.int32)))[0, -1]
+    top = np.argsort(-logits)[: args.top]
+    print(f"model {model.cfg.name}: {len(ids)} tokens in, logits over {vocab} ids")
+    for rank, tok in enumerate(top, 1):
+        print(f"  {rank}. id {int(tok):>7d}  logit {logits[tok]:+.4f}")
+    return 0
+
+
+def register_forward(sub) -> None:
+    p = sub.add_parser("forward", help="run one forward pass and print the top next-token ids")
+    p.add_argument("--model", default="tiny", help="release directory, or 'tiny' (embedded random model)")
+    p.add_argument("--ids", default="1,2,3,4", help="comma-separated token ids")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    p.set_defaults(func=cmd_forward)
+
+
+REGISTRARS = [register_forward]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="k25jax", description="Kimi K2.5 in JAX: load, run, convert, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in REGISTRARS:
+        register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Mixture of experts: sigmoid router with selection-only bias and group-limited top-k, routed experts, shared expert.
+
+Math: ``shared/docs/k25-architecture.md`` section 2 (MoE gate). Dispatch sorts the (token, choice) pairs by
+expert and runs the experts as grouped matmuls over contiguous row groups (dropless: no capacity factor).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k25jax.config import TextConfig
+from k25jax.layers import MLP, param, zeros_init
+
+
+def route(
+    x: jax.Array, router_weight: jax.Array, correction_bias: jax.Array, cfg: TextConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Choose experts for each token.
+
+    Args:
+      x: ``[N, D]`` hidden states.
+      router_weight: ``[D, E]``.
+      correction_bias: ``[E]`` float32, added for selection only.
+    Returns:
+      ``weights [N, k]`` float32 (normalised, times ``routed_scaling_factor``) and ``experts [N, k]`` int32.
+    """
+    scores = jax.nn.sigmoid(
+        jnp.einsum(
+            "nd,de->ne", x.astype(jnp.float32), router_weight.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
+    )
+    choice = scores + correction_bias.astype(jnp.float32)
+    E, G = cfg.n_routed_experts, cfg.n_group
+    if G > 1:
+        grouped = choice.reshape(-1, G, E // G)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]: each group's top-2 sum
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
+        keep = jax.nn.one_hot(top_groups, G, dtype=jnp.bool_).any(axis=1)  # [N, G]
+        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(-1, E)
+    _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32)
+
+
+class Experts(nnx.Module):
+    """Routed expert weights stacked ``[E, D, F]`` / ``[E, F, D]`` and their grouped SwiGLU."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = param(
+            rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), param_dtype, what="Experts.gate_proj"
+        )
+        self.up_proj = param(
+            rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), param_dtype, what="Experts.up_proj"
+        )
+        self.down_proj = param(
+            rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), param_dtype, what="Experts.down_proj"
+        )
+
+    def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        """``x_sorted [M, D]`` rows grouped by expert (``group_sizes [E]``) -> ``[M, D]``."""
+        dt = self.dtype
+
+        def gmm(lhs, rhs):
+            return jax.lax.ragged_dot(lhs, rhs[...].astype(dt), group_sizes, preferred_element_type=jnp.float32)
+
+        x_sorted = x_sorted.astype(dt)
+        hidden = jax.nn.silu(gmm(x_sorted, self.gate_proj)) * gmm(x_sorted, self.up_proj)
+        return gmm(hidden.astype(dt), self.down_proj)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        E, D = cfg.n_routed_experts, cfg.hidden_size
+        self.router = param(rngs, (D, E), ("embed", "router"), param_dtype, what="MoE.router")
+        self.correction_bias = param(rngs, (E,), ("router",), jnp.float32, zeros_init, "MoE.correction_bias")
+        self.experts = Experts(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.shared = (
+            MLP(D, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, T, D]`` -> ``[B, T, D]``: ``sum_k w_k E_k(x) + shared(x)``."""
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        weights, experts = route(tokens, self.router[...], self.correction_bias[...], self.cfg)
+        out = dispatch_combine(tokens, weights, experts, self.experts, self.cfg.n_routed_experts)
+        out = out.astype(self.dtype).reshape(shape)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
+
+
+def dispatch_combine(
+    tokens: jax.Array, weights: jax.Array, experts: jax.Array, expert_fn, num_experts: int
+) -> jax.Array:
+    """Sort (token, choice) pairs by expert, run ``expert_fn(rows, group_sizes)``, weight and sum back.
+
+    ``tokens [N, D]``, ``weights``/``experts [N, k]`` -> ``[N, D]`` float32. No ``[N, E]`` tensor is formed.
+    """
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token_of_row = order // k
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    rows = expert_fn(tokens[token_of_row], group_sizes)
+    rows = rows.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, tokens.shape[-1]), jnp.float32).at[token_of_row].add(rows)

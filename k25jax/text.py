@@ -1,0 +1,128 @@
+"""The decoder stack: embeddings, dense layer(s), scanned MoE layers, final norm, untied ``lm_head``.
+
+Layers of one kind are identical in shape, so their parameters are stacked with a leading ``"layers"`` axis
+and run with ``jax.lax.scan``: compile time does not grow with depth (61 layers at full size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k25jax.attention import MLA, causal_mask
+from k25jax.config import TextConfig
+from k25jax.layers import MLP, RMSNorm, param
+from k25jax.moe import MoE
+from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
+
+
+class DecoderLayer(nnx.Module):
+    """``h += attn(norm(h)); h += mlp(norm(h))`` with a dense SwiGLU or an MoE as the MLP."""
+
+    def __init__(self, cfg: TextConfig, moe: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.attn = MLA(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        if moe:
+            self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        h = h + self.attn(self.input_norm(h), cos, sin, mask).astype(h.dtype)
+        return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``count`` copies of ``make``'s module with parameters stacked on a leading ``"layers"`` axis."""
+    keys = jax.random.split(rngs.params(), count)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(key):
+        return make(nnx.Rngs(params=key))
+
+    return build(keys)
+
+
+def scan_layers(stack: nnx.Module, h: jax.Array, step: Callable, *, remat: bool = False) -> jax.Array:
+    """Run ``step(layer, h) -> h`` over the stacked layers of ``stack`` with ``jax.lax.scan``."""
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, layer_state):
+        return step(nnx.merge(graphdef, layer_state), carry), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    h, _ = jax.lax.scan(body, h, state)
+    return h
+
+
+class TextModel(nnx.Module):
+    """The K2.5 text stack. ``model(input_ids)`` returns float32 logits ``[B, T, V]``."""
+
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = False
+        self.embed_tokens = param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, what="embed_tokens"
+        )
+
+        def layer(moe: bool):
+            return lambda r: DecoderLayer(cfg, moe, dtype=dtype, param_dtype=param_dtype, rngs=r)
+
+        self.dense_layers = stacked(layer(False), cfg.num_dense_layers, rngs) if cfg.num_dense_layers else None
+        self.moe_layers = stacked(layer(True), cfg.num_moe_layers, rngs) if cfg.num_moe_layers else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype, what="lm_head")
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """``[B, T]`` int ids -> ``[B, T, D]`` in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return rope_angles(positions, text_inv_freq(self.cfg), text_rope_scale(self.cfg))
+
+    def hidden(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """Run the decoder layers and the final norm over embeddings ``h [B, T, D]``."""
+        cos, sin = self.rope(positions)
+
+        def step(layer: DecoderLayer, carry: jax.Array) -> jax.Array:
+            return layer(carry, cos, sin, mask)
+
+        for stack in (self.dense_layers, self.moe_layers):
+            if stack is not None:
+                h = scan_layers(stack, h, step, remat=self.remat)
+        return self.norm(h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits for a batch of token ids.
+
+        Args:
+          input_ids: ``[B, T]`` int token ids.
+          positions: ``[B, T]`` positions (default ``0..T-1``).
+          inputs_embeds: optional ``[B, T, D]`` embeddings replacing the lookup (multimodal merge).
+          attention_mask: optional ``[B, T]`` with 1 for real tokens, 0 for padding keys.
+        Returns: float32 logits ``[B, T, V]``.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        valid = None if attention_mask is None else attention_mask.astype(bool)
+        mask = causal_mask(positions, positions, valid)
+        return self.logits(self.hidden(h, positions, mask))

@@ -1,0 +1,112 @@
+"""Config parsing: the release config.json as shipped, presets, and errors that name the field."""
+
+import copy
+import json
+import os
+
+import pytest
+
+from k25jax.config import ConfigError, from_release_config, k25, load_yaml, preset, tiny
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def release_dict():
+    """A config.json in the shape Moonshot ships it (rope_scaling with 'type', quantization at both levels)."""
+    return k25().to_release_dict()
+
+
+def test_k25_release_config_values():
+    cfg = from_release_config(release_dict())
+    t = cfg.text
+    assert (t.hidden_size, t.num_hidden_layers, t.n_routed_experts, t.num_experts_per_tok) == (7168, 61, 384, 8)
+    assert t.qk_head_dim == 192 and t.latent_cache_dim == 576
+    assert t.num_dense_layers == 1 and t.num_moe_layers == 60
+    assert t.attention_scale == pytest.approx(0.144680, abs=1e-6)  # 192^-0.5 * 1.415888^2 (arch doc 2.5)
+    assert cfg.vision.head_dim == 72 and cfg.vision.merged_dim == 4608
+    assert cfg.quantization.group_size == 32 and cfg.quantization.num_bits == 4
+    assert cfg.media_placeholder_token_id == 163605 and cfg.eos_token_id == 163585
+    assert cfg == k25().replace(name=cfg.name)
+
+
+def test_rope_parameters_form_and_quant_inside_text_config():
+    d = release_dict()
+    rs = d["text_config"].pop("rope_scaling")
+    rs.pop("type")
+    d["text_config"]["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 50000.0, **rs}
+    del d["text_config"]["rope_theta"]
+    del d["quantization_config"]  # only inside text_config now
+    cfg = from_release_config(d)
+    assert cfg.text.rope_scaling == k25().text.rope_scaling
+    assert cfg.text.rope_theta == 50000.0
+    assert cfg.quantization == k25().quantization
+
+
+def test_kimi_k2_model_type_and_flat_text_config():
+    d = release_dict()
+    d["text_config"]["model_type"] = "kimi_k2"
+    assert from_release_config(d).text == k25().text
+    flat = copy.deepcopy(release_dict()["text_config"])
+    cfg = from_release_config(flat)
+    assert cfg.layout == "deepseek_v3" and cfg.vision is None and cfg.text == k25().text
+
+
+def test_reads_file_and_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(release_dict()))
+    assert from_release_config(tmp_path).text == k25().text
+    assert from_release_config(tmp_path / "config.json").text == k25().text
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d["text_config"].pop("hidden_size"), "text_config.hidden_size"),
+        (lambda d: d["text_config"].pop("kv_lora_rank"), "text_config.kv_lora_rank"),
+        (lambda d: d["vision_config"].pop("vt_hidden_size"), "vision_config.vt_hidden_size"),
+        (lambda d: d["text_config"].update(n_group=5), "text_config.n_group"),
+        (lambda d: d["text_config"].update(topk_group=2), "text_config.topk_group"),
+        (lambda d: d["text_config"].update(scoring_func="softmax"), "text_config.scoring_func"),
+        (lambda d: d["text_config"].update(hidden_size="7168"), "text_config.hidden_size"),
+        (lambda d: d["text_config"]["rope_scaling"].update(type="linear"), "text_config.rope_scaling.rope_type"),
+        (lambda d: d["text_config"]["rope_scaling"].pop("factor"), "text_config.rope_scaling.factor"),
+        (
+            lambda d: d["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=8),
+            "quantization_config",
+        ),
+        (lambda d: d["quantization_config"].update(format="marlin-24"), "quantization_config.format"),
+        (lambda d: d["quantization_config"]["config_groups"]["group_0"]["weights"].update(group_size=48), "group size"),
+        (lambda d: d["vision_config"].update(text_hidden_size=4096), "vision_config.text_hidden_size"),
+        (lambda d: d["vision_config"].update(vt_num_attention_heads=7), "vision_config.vt_hidden_size"),
+        (lambda d: d.update(tie_word_embeddings=True), "tie_word_embeddings"),
+    ],
+)
+def test_errors_name_the_field(mutate, field):
+    d = release_dict()
+    mutate(d)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        from_release_config(d)
+
+
+def test_error_names_the_file(tmp_path):
+    d = release_dict()
+    del d["text_config"]["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"config\.json: text_config\.vocab_size is required"):
+        from_release_config(tmp_path)
+    with pytest.raises(ConfigError, match="config.json not found"):
+        from_release_config(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name", ["k25", "k26", "tiny"])
+def test_yaml_presets_match_python_presets(name):
+    """configs/*.yaml are written by k25jax.config.dump_yaml(preset(name), path); they must stay in sync."""
+    assert load_yaml(os.path.join(CONFIGS, f"{name}.yaml")) == preset(name)
+
+
+def test_tiny_round_trips_through_release_dict():
+    assert from_release_config(tiny().to_release_dict()) == tiny().replace(name="custom")
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'k3'"):
+        preset("k3")
