@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from k25jax import quant
-from k25jax.config import K25Config, TextConfig
+from k25jax.config import K25Config, TextConfig, VisionConfig
 
 # safetensors dtype names
 BF16, F32, I32 = "BF16", "F32", "I32"
@@ -183,9 +183,89 @@ def text_entries(cfg: K25Config) -> list[Entry]:
     return out
 
 
+def _vector(name: str, dim: int, target: Target) -> Entry:
+    return Entry((Source(name, (dim,), BF16),), (target,), lambda a: [a[0]])
+
+
+def _layer_norm(name: str, dim: int, path: tuple[str, ...], index: tuple[int, ...] = ()) -> list[Entry]:
+    return [
+        _vector(f"{name}.weight", dim, Target(path + ("weight",), index)),
+        _vector(f"{name}.bias", dim, Target(path + ("bias",), index)),
+    ]
+
+
+def vision_entries(cfg: K25Config) -> list[Entry]:
+    """The MoonViT tower (``vision_tower.*``) and the patch-merger projector (``mm_projector.*``).
+
+    ``wqkv [3*H*K, D]`` is ``[q | k | v]``, heads outermost; the q and k head dims are in the interleaved
+    rope-pair order, which is the order ``k25jax.vision.moonvit.vision_rope`` computes in: the rows load
+    unpermuted (transformers instead permutes them to split-half order at load, ``PermuteForRope``).
+    """
+    v: VisionConfig = cfg.vision
+    D, H, K, F, ps = v.hidden_size, v.num_attention_heads, v.head_dim, v.intermediate_size, v.patch_size
+    tower = ("vision",)
+    out = [
+        Entry(  # Conv2d weight [D, 3, ps, ps] -> [3, ps, ps, D]
+            (Source("vision_tower.patch_embed.proj.weight", (D, 3, ps, ps), BF16),),
+            (Target(tower + ("patch_proj",)),),
+            lambda a: [np.ascontiguousarray(a[0].transpose(1, 2, 3, 0))],
+        ),
+        _vector("vision_tower.patch_embed.proj.bias", D, Target(tower + ("patch_bias",))),
+        Entry(
+            (Source("vision_tower.patch_embed.pos_emb.weight", (v.pos_emb_height, v.pos_emb_width, D), BF16),),
+            (Target(tower + ("pos_emb",)),),
+            lambda a: [a[0]],
+        ),
+    ]
+    blocks = tower + ("blocks",)
+    for b in range(v.num_hidden_layers):
+        p = f"vision_tower.encoder.blocks.{b}."
+        i = (b,)
+        out += _layer_norm(p + "norm0", D, blocks + ("attn_norm",), i)
+        out.append(
+            Entry(  # [3*H*K, D] -> [D, 3, H, K]
+                (Source(p + "wqkv.weight", (3 * D, D), BF16),),
+                (Target(blocks + ("qkv_proj",), i),),
+                lambda a: [np.ascontiguousarray(a[0].reshape(3, H, K, D).transpose(3, 0, 1, 2))],
+            )
+        )
+        out.append(
+            Entry(
+                (Source(p + "wqkv.bias", (3 * D,), BF16),),
+                (Target(blocks + ("qkv_bias",), i),),
+                lambda a: [a[0].reshape(3, H, K)],
+            )
+        )
+        out.append(
+            Entry(  # [D, H*K] -> [H, K, D]
+                (Source(p + "wo.weight", (D, D), BF16),),
+                (Target(blocks + ("out_proj",), i),),
+                lambda a: [np.ascontiguousarray(a[0].T.reshape(H, K, D))],
+            )
+        )
+        out.append(_vector(p + "wo.bias", D, Target(blocks + ("out_bias",), i)))
+        out += _layer_norm(p + "norm1", D, blocks + ("mlp_norm",), i)
+        out.append(_linear(p + "mlp.fc0.weight", F, D, Target(blocks + ("mlp_in",), i)))
+        out.append(_vector(p + "mlp.fc0.bias", F, Target(blocks + ("mlp_in_bias",), i)))
+        out.append(_linear(p + "mlp.fc1.weight", D, F, Target(blocks + ("mlp_out",), i)))
+        out.append(_vector(p + "mlp.fc1.bias", D, Target(blocks + ("mlp_out_bias",), i)))
+    out += _layer_norm("vision_tower.encoder.final_layernorm", D, tower + ("final_norm",))
+    W, Dt = v.merged_dim, v.text_hidden_size
+    proj = ("projector",)
+    out += _layer_norm("mm_projector.pre_norm", v.mm_hidden_size, proj + ("norm",))
+    out.append(_linear("mm_projector.proj.0.weight", W, W, Target(proj + ("in_proj",))))
+    out.append(_vector("mm_projector.proj.0.bias", W, Target(proj + ("in_bias",))))
+    out.append(_linear("mm_projector.proj.2.weight", Dt, W, Target(proj + ("out_proj",))))
+    out.append(_vector("mm_projector.proj.2.bias", Dt, Target(proj + ("out_bias",))))
+    return out
+
+
 def release_entries(cfg: K25Config) -> list[Entry]:
     """Every tensor the release of ``cfg`` holds, with its destination. Order: text stack, then vision."""
-    return text_entries(cfg)
+    out = text_entries(cfg)
+    if cfg.vision is not None:
+        out += vision_entries(cfg)
+    return out
 
 
 def release_tensor_count(cfg: K25Config) -> int:

@@ -77,3 +77,25 @@ class MLP(nnx.Module):
         gate = jnp.einsum("...d,df->...f", x, self.gate_proj[...].astype(self.dtype))
         up = jnp.einsum("...d,df->...f", x, self.up_proj[...].astype(self.dtype))
         return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """``(x - mean) * rsqrt(var + eps) * w + b`` over the last axis, in float32, cast back to ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    centred = xf - mean
+    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(var + eps)
+    return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias (the vision tower and the projector; the text stack uses RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), ("norm",), param_dtype, ones_init, "LayerNorm.weight")
+        self.bias = param(rngs, (dim,), ("norm",), param_dtype, zeros_init, "LayerNorm.bias")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.weight[...], self.bias[...], self.eps)

@@ -1,31 +1,102 @@
-"""The whole K2.5 model (text stack; the vision tower joins it when configured) and builders."""
+"""The whole K2.5 model: the text stack, plus the vision tower and projector when configured, and builders."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from k25jax.config import K25Config
 from k25jax.text import TextModel
+from k25jax.vision.merger import Projector
+from k25jax.vision.moonvit import MoonViT
 
 
 class K25(nnx.Module):
-    """Kimi K2.5. ``model(input_ids)`` returns float32 logits ``[B, T, V]``."""
+    """Kimi K2.5. ``model(input_ids)`` returns float32 logits ``[B, T, V]``.
+
+    With images or video chunks: ``model(input_ids, pixel_values=..., grid_thw=...)``, where ``input_ids``
+    holds, for every media item in order, ``(h/2)*(w/2)`` ``<|media_pad|>`` tokens
+    (``k25jax.vision.expand_media_pads``) whose embeddings are replaced by the projector outputs.
+    """
 
     def __init__(self, cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        v = cfg.vision
+        self.vision = None if v is None else MoonViT(v, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.projector = None if v is None else Projector(v, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def vision_features(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
+        """Projector outputs ``[M, D]`` (compute dtype) for packed media items, in item order.
+
+        Args:
+          pixel_values: ``[P, 3, 14, 14]`` normalised patches (``k25jax.vision.preprocess_image`` /
+            ``preprocess_video`` layout), items concatenated in the order they appear in the text.
+          grid_thw: ``[num_items, 3]`` rows ``(t, h, w)``, host data (numpy / list / tuple).
+        """
+        if self.vision is None:
+            raise ValueError(f"model {self.cfg.name!r} has no vision tower (its config has no vision_config)")
+        return self.projector(self.vision(jnp.asarray(pixel_values), grid_thw))
+
+    def embed_inputs(self, input_ids: jax.Array, pixel_values=None, grid_thw=None) -> jax.Array:
+        """Token embeddings ``[B, T, D]`` with the ``<|media_pad|>`` positions replaced by vision features.
+
+        The placeholders are filled in row-major order (batch row, then position) with the features of the
+        items in ``grid_thw`` order. Without ``pixel_values`` this is the plain embedding lookup. When
+        ``input_ids`` is concrete, a placeholder count that differs from the feature count raises ValueError.
+        """
+        embeds = self.text.embed(input_ids)
+        if pixel_values is None:
+            if grid_thw is not None:
+                raise ValueError("grid_thw was given without pixel_values")
+            return embeds
+        if grid_thw is None:
+            raise ValueError("pixel_values needs grid_thw ([num_items, 3] rows (t, h, w))")
+        features = self.vision_features(pixel_values, grid_thw)
+        return merge_media(embeds, input_ids, features, self.cfg.media_placeholder_token_id)
 
     def __call__(
-        self, input_ids: jax.Array, positions: jax.Array | None = None, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        *,
+        pixel_values: jax.Array | None = None,
+        grid_thw=None,
     ) -> jax.Array:
-        return self.text(input_ids, positions=positions, attention_mask=attention_mask)
+        """float32 logits ``[B, T, V]``; see :meth:`embed_inputs` for ``pixel_values`` / ``grid_thw``."""
+        if pixel_values is None and grid_thw is None:
+            return self.text(input_ids, positions=positions, attention_mask=attention_mask)
+        embeds = self.embed_inputs(input_ids, pixel_values, grid_thw)
+        return self.text(input_ids, positions=positions, inputs_embeds=embeds, attention_mask=attention_mask)
+
+
+def merge_media(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, placeholder_id: int) -> jax.Array:
+    """Replace the embeddings at ``placeholder_id`` positions, in row-major order, by ``features [M, D]``.
+
+    ``embeds [B, T, D]``, ``input_ids [B, T]``. Raises ValueError when ``input_ids`` is concrete and holds a
+    number of placeholders other than ``M`` (under tracing the count cannot be checked: the caller must).
+    """
+    is_pad = input_ids == placeholder_id
+    if not isinstance(input_ids, jax.core.Tracer):
+        count = int(np.sum(np.asarray(is_pad)))
+        if count != features.shape[0]:
+            raise ValueError(
+                f"input_ids hold {count} <|media_pad|> placeholder tokens (id {placeholder_id}) but the media items "
+                f"give {features.shape[0]} vision features; expand each item's placeholder to (h/2)*(w/2) tokens "
+                "with k25jax.vision.expand_media_pads"
+            )
+    flat = is_pad.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
+    gathered = jnp.take(features.astype(embeds.dtype), index, axis=0).reshape(embeds.shape)
+    return jnp.where(is_pad[..., None], gathered, embeds)
 
 
 def build_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, seed: int = 0) -> K25:
-    """A randomly initialised model (normal(0, 0.02) matrices, unit norms)."""
+    """A randomly initialised model (normal(0, 0.02) matrices, unit norms, zero biases)."""
     return K25(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 

@@ -26,6 +26,9 @@ PARAM_AXES = {
     "vision_embed": "vision tower width",
     "vision_mlp": "vision MLP width",
     "vision_heads": "vision attention heads",
+    "vision_pos": "rows / columns of the learned vision position table (replicated)",
+    "vision_merged": "projector input width: the 2x2 merged vision width (4 x vision width)",
+    "projector_mlp": "projector hidden width",
     "conv": "convolution kernel dims (replicated)",
 }
 
@@ -38,6 +41,7 @@ ACTIVATION_AXES = {
     "act_heads": "activation heads H",
     "act_vocab": "logits vocabulary",
     "tokens": "flattened tokens (B*T, or B*T*k after routing)",
+    "patches": "packed vision patches P of all media items",
 }
 
 LOGICAL_AXES = {**PARAM_AXES, **ACTIVATION_AXES}

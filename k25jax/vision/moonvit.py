@@ -1,0 +1,290 @@
+"""MoonViT-3D: the K2.5 vision encoder (architecture doc section 3).
+
+Media items (images, and 4-frame video chunks) are packed along one patch axis ``P`` in the reference
+processor's layout: ``pixel_values [P, 3, 14, 14]`` with ``grid_thw`` rows ``(t, h, w)`` (h, w in patches),
+patches of an item ordered frames outermost, then rows, then columns. The encoder:
+
+1. patch embed (a 14x14 stride-14 conv written as one contraction over ``3*14*14`` pixels);
+2. adds the learned ``[64, 64, D]`` position table, resampled with torch-style bicubic when the item's grid
+   differs from it, plus a fixed sin/cos time embedding over the frame index for items with ``t > 1``;
+3. runs the pre-LN blocks (stacked on a ``layers`` axis, one ``jax.lax.scan``) with 2-D rope over the whole
+   head dim and attention restricted to each item;
+4. final LayerNorm, then 2x2 merge with the temporal mean: ``[sum_i h_i/2 * w_i/2, 4, D]``.
+
+``grid_thw`` decides every shape, so it is host data (a tuple, list or numpy array), never traced.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from k25jax.config import VisionConfig
+from k25jax.layers import LayerNorm, normal_init, param, zeros_init
+from k25jax.rope import apply_rope_interleaved
+from k25jax.text import scan_layers, stacked
+from k25jax.vision.attention import DEFAULT_BLOCK, segment_attention
+
+Grid = tuple[tuple[int, int, int], ...]
+
+BICUBIC_A = -0.75  # torch's Keys kernel parameter for mode="bicubic"
+TIME_EMBED_BASE = 10000.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Host-side geometry (static: depends on grid_thw only)
+# --------------------------------------------------------------------------------------------------------
+
+
+def as_grid(grid_thw, cfg: VisionConfig | None = None) -> Grid:
+    """``grid_thw`` (numpy / list / concrete array, ``[num_items, 3]``) -> a hashable tuple of ``(t, h, w)``.
+
+    With ``cfg``, checks that each item can be merged 2x2 and that ``t`` is within the time embedding.
+    """
+    if isinstance(grid_thw, jax.core.Tracer):
+        raise ValueError(
+            "grid_thw must be concrete host values (numpy array, list or tuple), not a traced array: every "
+            "vision shape depends on it. Under jit, pass it as a static argument (k25jax.vision.as_grid gives "
+            "a hashable tuple)."
+        )
+    rows = np.asarray(grid_thw)
+    if rows.ndim != 2 or rows.shape[1] != 3 or rows.shape[0] == 0:
+        raise ValueError(f"grid_thw must have shape [num_items, 3] with rows (t, h, w), got shape {list(rows.shape)}")
+    if not np.issubdtype(rows.dtype, np.integer):
+        if not np.all(rows == np.round(rows)):
+            raise ValueError(f"grid_thw must hold integers, got {rows.tolist()}")
+        rows = rows.astype(np.int64)
+    grid = tuple((int(t), int(h), int(w)) for t, h, w in rows)
+    for i, (t, h, w) in enumerate(grid):
+        if min(t, h, w) <= 0:
+            raise ValueError(f"grid_thw row {i} is {[t, h, w]}: t, h and w must be positive")
+        if cfg is None:
+            continue
+        kh, kw = cfg.merge_kernel_size
+        if h % kh or w % kw:
+            raise ValueError(
+                f"grid_thw row {i} is {[t, h, w]}: h and w (in patches) must be multiples of the merge kernel "
+                f"{kh}x{kw}; the preprocessor pads images to multiples of {kh * cfg.patch_size} pixels"
+            )
+        if t > cfg.pos_emb_time:
+            raise ValueError(
+                f"grid_thw row {i} is {[t, h, w]}: t = {t} frames exceeds the vision time embedding "
+                f"(vision_config.init_pos_emb_time = {cfg.pos_emb_time}); split videos into chunks of at most "
+                f"{cfg.pos_emb_time} frames"
+            )
+    return grid
+
+
+def num_patches(grid: Grid) -> int:
+    return sum(t * h * w for t, h, w in grid)
+
+
+def num_merged_tokens(grid: Grid, merge: Sequence[int] = (2, 2)) -> list[int]:
+    """Tokens each item contributes to the text after the 2x2 merge (the temporal axis is averaged away)."""
+    return [(h // merge[0]) * (w // merge[1]) for _, h, w in grid]
+
+
+@functools.lru_cache(maxsize=256)
+def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """``[out, in]`` float32 weights of torch's 1-D bicubic resampling (``F.interpolate`` semantics).
+
+    ``align_corners=False`` (half-pixel centres, source ``(i + 0.5) * in / out - 0.5``), Keys kernel with
+    ``a = -0.75``, taps ``floor - 1 .. floor + 2`` clamped to the border, no antialias. The 2-D resample is
+    separable: ``M_h @ table @ M_w^T``. (``jax.image.resize`` uses a = -0.5 and antialiases when shrinking.)
+    """
+    a = BICUBIC_A
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    base = np.floor(src)
+    frac = src - base
+    weights = np.zeros((out_size, in_size), np.float64)
+    for offset in (-1, 0, 1, 2):
+        d = np.abs(frac - offset)
+        near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+        tap = np.clip(base.astype(np.int64) + offset, 0, in_size - 1)
+        np.add.at(weights, (np.arange(out_size), tap), np.where(d <= 1, near, far))
+    return weights.astype(np.float32)
+
+
+def resample_position_table(table: jax.Array, h: int, w: int) -> jax.Array:
+    """The learned table ``[Ph, Pw, D]`` at grid ``(h, w)``: itself when equal, else bicubic. float32 ``[h, w, D]``."""
+    table = table.astype(jnp.float32)
+    if (h, w) == table.shape[:2]:
+        return table
+    mh = jnp.asarray(bicubic_matrix(h, table.shape[0]))
+    mw = jnp.asarray(bicubic_matrix(w, table.shape[1]))
+    return jnp.einsum(
+        "hp,pqd,wq->hwd", mh, table, mw, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+
+
+def time_embedding(frames: int, dim: int) -> jax.Array:
+    """``[frames, dim]`` float32: ``[sin(f w_i) | cos(f w_i)]``, ``w_i = 10000^(-2i/dim)``, frame index f."""
+    inv_freq = 1.0 / (TIME_EMBED_BASE ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = jnp.arange(frames, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def patch_rows_cols(grid: Grid) -> tuple[jax.Array, jax.Array]:
+    """Row and column (in patches) of every packed patch, ``[P]`` int32 each (built on device, no constants)."""
+    rows, cols = [], []
+    for t, h, w in grid:
+        within = jnp.arange(t * h * w, dtype=jnp.int32) % (h * w)
+        rows.append(within // w)
+        cols.append(within % w)
+    return jnp.concatenate(rows), jnp.concatenate(cols)
+
+
+def segment_ids(grid: Grid) -> jax.Array:
+    """``[P]`` int32: the item index of every packed patch."""
+    return jnp.concatenate([jnp.full((t * h * w,), i, jnp.int32) for i, (t, h, w) in enumerate(grid)])
+
+
+def vision_rope(grid: Grid, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[P, head_dim/2]`` (float32) of the 2-D rope, for interleaved pairs over the whole head dim.
+
+    Pair ``2k`` rotates by ``col * theta^(-4k/head_dim)`` and pair ``2k+1`` by ``row * theta^(-4k/head_dim)``
+    (k < head_dim/4): the release's ``wqkv`` q/k rows are in this interleaved order, so they load unpermuted.
+    """
+    quarter = head_dim // 4
+    inv_freq = 1.0 / (theta ** (np.arange(0, 2 * quarter, 2, dtype=np.float32) / np.float32(2 * quarter)))
+    inv_freq = jnp.asarray(inv_freq.astype(np.float32))
+    rows, cols = patch_rows_cols(grid)
+    col_angles = cols.astype(jnp.float32)[:, None] * inv_freq  # [P, quarter]
+    row_angles = rows.astype(jnp.float32)[:, None] * inv_freq
+    angles = jnp.stack([col_angles, row_angles], axis=-1).reshape(-1, 2 * quarter)  # pairs (col k, row k), ...
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------
+
+
+class VisionBlock(nnx.Module):
+    """``x += out(attn(norm0 x)); x += mlp_out(gelu_tanh(mlp_in(norm1 x)))``, biases throughout."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        D, H, K, F = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
+        self.dtype = dtype
+        self.scale = K**-0.5
+        self.attention_block = DEFAULT_BLOCK
+        self.attn_norm = LayerNorm(D, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        # Fused q/k/v, [D, 3, H, K]; q and k head dims in interleaved rope order (as released).
+        self.qkv_proj = param(
+            rngs, (D, 3, H, K), ("vision_embed", None, "vision_heads", "head_dim"), param_dtype, what="wqkv"
+        )
+        self.qkv_bias = param(rngs, (3, H, K), (None, "vision_heads", "head_dim"), param_dtype, zeros_init, "wqkv.bias")
+        self.out_proj = param(rngs, (H, K, D), ("vision_heads", "head_dim", "vision_embed"), param_dtype, what="wo")
+        self.out_bias = param(rngs, (D,), ("vision_embed",), param_dtype, zeros_init, "wo.bias")
+        self.mlp_norm = LayerNorm(D, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_in = param(rngs, (D, F), ("vision_embed", "vision_mlp"), param_dtype, what="mlp.fc0")
+        self.mlp_in_bias = param(rngs, (F,), ("vision_mlp",), param_dtype, zeros_init, "mlp.fc0.bias")
+        self.mlp_out = param(rngs, (F, D), ("vision_mlp", "vision_embed"), param_dtype, what="mlp.fc1")
+        self.mlp_out_bias = param(rngs, (D,), ("vision_embed",), param_dtype, zeros_init, "mlp.fc1.bias")
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
+        """``x [P, D]``; ``cos``/``sin [P, K/2]``; ``segments [P]`` item ids. Returns ``[P, D]``."""
+        dt = self.dtype
+        h = self.attn_norm(x).astype(dt)
+        qkv = jnp.einsum("pd,dshk->pshk", h, self.qkv_proj[...].astype(dt)) + self.qkv_bias[...].astype(dt)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q = apply_rope_interleaved(q, cos[:, None, :], sin[:, None, :])
+        k = apply_rope_interleaved(k, cos[:, None, :], sin[:, None, :])
+        o = segment_attention(q, k, v, segments, self.scale, self.attention_block)
+        attn = jnp.einsum("phk,hkd->pd", o, self.out_proj[...].astype(dt)) + self.out_bias[...].astype(dt)
+        x = x + attn.astype(x.dtype)
+        h = self.mlp_norm(x).astype(dt)
+        h = jnp.einsum("pd,df->pf", h, self.mlp_in[...].astype(dt)) + self.mlp_in_bias[...].astype(dt)
+        h = jax.nn.gelu(h, approximate=True)
+        h = jnp.einsum("pf,fd->pd", h, self.mlp_out[...].astype(dt)) + self.mlp_out_bias[...].astype(dt)
+        return x + h.astype(x.dtype)
+
+
+class MoonViT(nnx.Module):
+    """The vision encoder. ``tower(pixel_values, grid_thw)`` -> merged patches ``[M, 4, D]``."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = param_dtype or dtype
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = False
+        D, ps = cfg.hidden_size, cfg.patch_size
+        # Conv2d(3 -> D, kernel = stride = patch) on one patch is a contraction over (channel, row, col).
+        self.patch_proj = param(
+            rngs, (3, ps, ps, D), ("conv", "conv", "conv", "vision_embed"), param_dtype, what="patch_embed.proj"
+        )
+        self.patch_bias = param(rngs, (D,), ("vision_embed",), param_dtype, zeros_init, "patch_embed.proj.bias")
+        self.pos_emb = param(
+            rngs,
+            (cfg.pos_emb_height, cfg.pos_emb_width, D),
+            ("vision_pos", "vision_pos", "vision_embed"),
+            param_dtype,
+            normal_init(),
+            "patch_embed.pos_emb",
+        )
+        self.blocks = stacked(
+            lambda r: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_hidden_layers, rngs
+        )
+        self.final_norm = LayerNorm(D, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+    def embed(self, pixel_values: jax.Array, grid: Grid) -> jax.Array:
+        """Patch embedding plus position and time embeddings: ``[P, 3, ps, ps]`` -> ``[P, D]`` (compute dtype)."""
+        dt = self.dtype
+        x = jnp.einsum("pcij,cijd->pd", pixel_values.astype(dt), self.patch_proj[...].astype(dt))
+        x = x + self.patch_bias[...].astype(dt)
+        D = self.cfg.hidden_size
+        positions = []
+        for t, h, w in grid:
+            pos = resample_position_table(self.pos_emb[...], h, w).reshape(1, h * w, D)
+            if t > 1:  # images (and 1-frame chunks) get no time term
+                pos = pos + time_embedding(t, D)[:, None, :]
+            positions.append(jnp.broadcast_to(pos, (t, h * w, D)).reshape(t * h * w, D))
+        return x + jnp.concatenate(positions).astype(dt)
+
+    def encode(self, pixel_values: jax.Array, grid: Grid) -> jax.Array:
+        """Embeddings, the blocks and the final LayerNorm: ``[P, D]``."""
+        x = self.embed(pixel_values, grid)
+        cos, sin = vision_rope(grid, self.cfg.head_dim, self.cfg.rope_theta)
+        segments = segment_ids(grid)
+
+        def step(block: VisionBlock, carry: jax.Array) -> jax.Array:
+            return block(carry, cos, sin, segments)
+
+        x = scan_layers(self.blocks, x, step, remat=self.remat)
+        return self.final_norm(x)
+
+    def merge(self, x: jax.Array, grid: Grid) -> jax.Array:
+        """2x2 merge with the temporal mean: ``[P, D]`` -> ``[M, kh*kw, D]``, sub-tokens row-major ``(kh, kw)``."""
+        kh, kw = self.cfg.merge_kernel_size
+        D = x.shape[-1]
+        out, start = [], 0
+        for t, h, w in grid:
+            item = x[start : start + t * h * w].reshape(t, h // kh, kh, w // kw, kw, D)
+            start += t * h * w
+            pooled = jnp.mean(item.astype(jnp.float32), axis=0) if t > 1 else item[0]
+            out.append(pooled.transpose(0, 2, 1, 3, 4).reshape((h // kh) * (w // kw), kh * kw, D).astype(x.dtype))
+        return jnp.concatenate(out)
+
+    def __call__(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
+        """Encode packed media items.
+
+        Args:
+          pixel_values: ``[P, 3, ps, ps]`` normalised patches of all items, packed in item order.
+          grid_thw: ``[num_items, 3]`` rows ``(t, h, w)`` (host data).
+        Returns: ``[M, kh*kw, D]`` merged patches, ``M = sum_i (h_i/kh) * (w_i/kw)``, in the compute dtype.
+        """
+        grid = as_grid(grid_thw, self.cfg)
+        ps = self.cfg.patch_size
+        expected = (num_patches(grid), 3, ps, ps)
+        if tuple(pixel_values.shape) != expected:
+            raise ValueError(
+                f"pixel_values has shape {list(pixel_values.shape)} but grid_thw {[list(g) for g in grid]} needs "
+                f"{list(expected)} (sum of t*h*w patches of 3x{ps}x{ps} pixels)"
+            )
+        return self.merge(self.encode(pixel_values, grid), grid)
