@@ -107,6 +107,9 @@ def make_hf_kimi_model(cfg: K25Config, seed: int = 0, bias_scale: float = 0.05, 
         projection_hidden_size=v.mm_hidden_size,
         projection_layer_norm_eps=v.projector_ln_eps,
         image_token_id=cfg.media_placeholder_token_id,
+        # transformers gives video its own placeholder (163840 = the vocab size in K2.5, zeroed before the
+        # embedding lookup); the release text uses <|media_pad|> for video chunks too. Mirror the layout.
+        video_token_id=cfg.text.vocab_size,
         tie_word_embeddings=False,
     )
     hf_cfg._attn_implementation = "eager"
@@ -184,7 +187,10 @@ def _expert_tensors(prefix: str, w: torch.Tensor, cfg: K25Config, qs=None) -> di
     }
 
 
-_VISION_RENAMES = [  # transformers name piece -> release name piece (inverse of its load-time renames)
+# transformers name piece -> release name piece: the inverse of the renames in transformers'
+# conversion_mapping["kimi_k25"]. Checked by test_oracle_release_names_match_transformers_loader, where
+# transformers' own loader reads these release tensors back into exactly the model they came from.
+_VISION_RENAMES = [
     ("attn.proj.", "wo."),
     ("mlp.fc1.", "mlp.fc0_TMP."),
     ("mlp.fc2.", "mlp.fc1."),

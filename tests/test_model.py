@@ -33,8 +33,11 @@ def test_full_k25_builds_abstractly_in_seconds():
     assert model.text.moe_layers.attn.q_b_proj.shape == (60, 1536, 64, 192)
     assert model.text.dense_layers.mlp.gate_proj.shape == (1, 7168, 18432)
     assert count_params(model) == release_param_count(k25())
-    # Text stack of K2.5: 208,550 released tensors less 335 of the vision tower and projector.
+    # The release holds 208,550 tensors: 208,215 of the text stack, 335 of the vision tower and projector.
+    assert release_tensor_count(k25()) == 208_550
     assert release_tensor_count(k25().replace(vision=None)) == 208_215
+    assert model.vision.blocks.qkv_proj.shape == (27, 1152, 3, 16, 72)
+    assert count_params(model) - count_params(abstract_model(k25().replace(vision=None))) == 471_143_920
 
 
 def test_tiny_param_count_matches_release_list():
@@ -47,7 +50,7 @@ def test_every_param_has_known_logical_axes():
         axes = var.get_metadata()["out_sharding"]
         assert len(axes) == len(var.shape), path
         assert all(a is None or a in LOGICAL_AXES for a in axes), (path, axes)
-        if path[1] in ("dense_layers", "moe_layers"):
+        if path[1] in ("dense_layers", "moe_layers") or path[:2] == ("vision", "blocks"):
             assert axes[0] == "layers", path
 
 
