@@ -221,7 +221,7 @@ def format_timestamp(seconds: float) -> str:
     """``HH:MM:SS.mmm`` (rounded to the nearest millisecond)."""
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"timestamp must be a finite number of seconds >= 0, got {seconds}")
-    ms = int(round(seconds * 1000))
+    ms = math.floor(seconds * 1000 + 0.5)  # nearest millisecond (2.3 s is 2.2999... as a float)
     h, rest = divmod(ms, 3_600_000)
     m, rest = divmod(rest, 60_000)
     s, ms = divmod(rest, 1000)
