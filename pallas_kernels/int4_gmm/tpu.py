@@ -20,7 +20,14 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import int4_layout as L
 from pallas_kernels.int4_gmm.schedule import visit_schedule, zero_uncovered_rows
-from pallas_kernels.int4_matmul.tpu import dequantized_tile, dot_precision, k_block, lane_block, row_block
+from pallas_kernels.int4_matmul.tpu import (
+    dequantized_tile,
+    dot_precision,
+    interpret_guard,
+    k_block,
+    lane_block,
+    row_block,
+)
 
 
 def _kernel(gids, tids, lo, hi, x_ref, w_ref, s_ref, o_ref, acc_ref, *, cdt, tm, transpose):
@@ -115,5 +122,5 @@ def int4_gmm(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
         name="int4_gmm_t_tpu" if transpose_rhs else "int4_gmm_tpu",
-    )(sched.group_ids, sched.tile_ids, sched.lo, sched.hi, xp, packed, scales)
+    )(sched.group_ids, sched.tile_ids, sched.lo, sched.hi, xp, interpret_guard(packed, interpret), scales)
     return zero_uncovered_rows(out[:m], sched.total_rows)

@@ -35,6 +35,16 @@ def dequantized_tile(w_ref, s_ref, cdt) -> jax.Array:
     return w.reshape(tk, tn).astype(cdt)
 
 
+def interpret_guard(packed: jax.Array, interpret) -> jax.Array:
+    """In interpret mode, hide constant weights from XLA:CPU's constant folding.
+
+    XLA:CPU folds ``bitcast_convert_type(int32 -> int4)`` of a constant wrongly (seen with jax 0.10.2), and
+    interpret mode emulates ``pltpu.bitcast`` with exactly that op, so a model whose weights are closed over
+    by ``jax.jit`` would compute garbage. An optimization barrier keeps the weights non-constant.
+    """
+    return jax.lax.optimization_barrier(packed) if interpret else packed
+
+
 def lane_block(dim: int, cap: int) -> int:
     """A block for a lane (last) dimension: a multiple of 128 dividing ``dim`` and <= ``cap``, else all of it."""
     b = (min(cap, dim) // LANE) * LANE
@@ -156,5 +166,5 @@ def int4_matmul(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="int4_matmul_t_tpu" if transpose_rhs else "int4_matmul_tpu",
-    )(xp, packed, scales)
+    )(xp, interpret_guard(packed, interpret), scales)
     return out[:m] if mp != m else out
