@@ -21,9 +21,7 @@ class K25(nnx.Module):
     matters for INT4 experts. Change it later with :meth:`set_kernels`.
     """
 
-    def __init__(
-        self, cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, kernels: str = "xla", rngs: nnx.Rngs
-    ):
+    def __init__(self, cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, kernels: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -52,18 +50,14 @@ class K25(nnx.Module):
         return self.text(input_ids, positions=positions, attention_mask=attention_mask)
 
 
-def build_model(
-    cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, seed: int = 0, kernels: str = "xla"
-) -> K25:
+def build_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, seed: int = 0, kernels: str = "xla") -> K25:
     """A randomly initialised model (normal(0, 0.02) matrices, unit norms; INT4 experts quantize that init)."""
     return K25(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=nnx.Rngs(seed))
 
 
 def abstract_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, kernels: str = "xla") -> K25:
     """The model with ``jax.ShapeDtypeStruct`` leaves: no memory, seconds even at full size."""
-    return nnx.eval_shape(
-        lambda: K25(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=nnx.Rngs(0))
-    )
+    return nnx.eval_shape(lambda: K25(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=nnx.Rngs(0)))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -51,9 +51,7 @@ def route(
 ExpertWeight = jax.Array | Int4Array  # [E, in, out]: plain (bf16 release) or INT4 (quantized release)
 
 
-def expert_matmul(
-    rows: jax.Array, weight: ExpertWeight, group_sizes: jax.Array, *, dtype, kernels: str
-) -> jax.Array:
+def expert_matmul(rows: jax.Array, weight: ExpertWeight, group_sizes: jax.Array, *, dtype, kernels: str) -> jax.Array:
     """Grouped matmul ``rows [M, in]`` (sorted by expert, ``group_sizes [E]``) x ``weight [E, in, out]`` -> float32.
 
     INT4 weights stay packed: ``int4_gmm`` (XLA or Pallas as ``kernels`` says) dequantizes tiles on the fly.

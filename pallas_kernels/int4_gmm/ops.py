@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import int4_layout as L
 from pallas_kernels.dispatch import check_impl, dispatch
 from pallas_kernels.int4_gmm import gpu, reference, tpu
 
@@ -81,8 +82,13 @@ def int4_gmm(
     Args as for :func:`pallas_kernels.int4_matmul.ops.int4_matmul`.
     """
     check_impl(impl)
-    if x.ndim != 2:
-        raise ValueError(f"int4_gmm: rows must be [M, K], got shape {x.shape}")
+    k, n = L.check_operands("int4_gmm", packed, scales)
+    if packed.ndim != 3 or group_sizes.shape != (packed.shape[0],):
+        raise ValueError(
+            f"int4_gmm: expects packed [E, K/8, N] and group_sizes [E], got {packed.shape} and {group_sizes.shape}"
+        )
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"int4_gmm: rows {x.shape} do not match the INT4 experts [E={packed.shape[0]}, K={k}, N={n}]")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise TypeError(f"int4_gmm: group_sizes must be integers, got {group_sizes.dtype}")
     given = dict(block_m=block_m, block_n=block_n, block_k=block_k)

@@ -40,9 +40,7 @@ def _kernel(gids, tids, lo, hi, x_ref, w_ref, s_ref, o_ref, acc_ref, *, cdt, tm,
     w = dequantized_tile(w_ref, s_ref, cdt)  # [tk, tn]
     lhs = x_ref[...].astype(cdt)
     dims = (((1,), (1,)), ((), ())) if transpose else (((1,), (0,)), ((), ()))
-    acc_ref[...] += jax.lax.dot_general(
-        lhs, w, dims, preferred_element_type=jnp.float32, precision=dot_precision(cdt)
-    )
+    acc_ref[...] += jax.lax.dot_general(lhs, w, dims, preferred_element_type=jnp.float32, precision=dot_precision(cdt))
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():

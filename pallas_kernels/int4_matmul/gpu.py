@@ -104,7 +104,9 @@ def _transposed_kernel(g_ref, w_ref, s_ref, o_ref, *, m, k, n, tm, tn, rb, steps
     accs = jax.lax.fori_loop(0, steps_per_split, step, zeros)
     omask = (rows < m)[:, None] & ((r0 + jnp.arange(rb)) < k8)[None, :]
     for j in range(L.PACK):
-        plgpu.store(o_ref.at[split, jnp.int32(j), pl.ds(m0, tm), pl.ds(r0, rb)], accs[j].astype(o_ref.dtype), mask=omask)
+        plgpu.store(
+            o_ref.at[split, jnp.int32(j), pl.ds(m0, tm), pl.ds(r0, rb)], accs[j].astype(o_ref.dtype), mask=omask
+        )
 
 
 def pow2_block(dim: int, cap: int, floor: int = MIN_DOT) -> int:
@@ -171,9 +173,7 @@ def int4_matmul(
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(
-            (split_k, L.PACK, m, k // L.PACK), jnp.float32 if split_k > 1 else out_dtype
-        ),
+        out_shape=jax.ShapeDtypeStruct((split_k, L.PACK, m, k // L.PACK), jnp.float32 if split_k > 1 else out_dtype),
         grid=(pl.cdiv(m, tm), pl.cdiv(k // L.PACK, rb), split_k),
         compiler_params=params,
         interpret=interpret,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import int4_layout as L
 from pallas_kernels.dispatch import check_impl, dispatch
 from pallas_kernels.int4_matmul import gpu, reference, tpu
 
@@ -84,8 +85,9 @@ def int4_matmul(
     The activations' dtype is the compute dtype (bf16 or float32); accumulation is float32.
     """
     check_impl(impl)
-    if x.ndim != 2:
-        raise ValueError(f"int4_matmul: activations must be [M, K], got shape {x.shape}")
+    k, n = L.check_operands("int4_matmul", packed, scales)
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"int4_matmul: activations {x.shape} do not match the INT4 weight [K={k}, N={n}]")
     given = dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
     setting = Setting(
         impl,

@@ -77,9 +77,7 @@ def _forward_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, cdt):
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     w = dequantized_tile(w_ref, s_ref, cdt)
-    acc_ref[...] += jnp.dot(
-        x_ref[...].astype(cdt), w, preferred_element_type=jnp.float32, precision=dot_precision(cdt)
-    )
+    acc_ref[...] += jnp.dot(x_ref[...].astype(cdt), w, preferred_element_type=jnp.float32, precision=dot_precision(cdt))
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _():
