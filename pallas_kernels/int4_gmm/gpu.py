@@ -106,8 +106,8 @@ def int4_gmm(
     *,
     out_dtype=None,
     transpose_rhs: bool = False,
-    block_m: int = 16,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
     block_k: int = 256,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -116,6 +116,7 @@ def int4_gmm(
     """Rows of ``x [M, K]`` grouped by ``group_sizes [E]`` times their expert's ``W[e] [K, N]`` -> ``[M, N]``.
 
     With ``transpose_rhs``: ``x [M, N]`` times ``W[e]^T`` -> ``[M, K]``. Rows past ``sum(group_sizes)`` are 0.
+    Defaults (untuned on hardware): 16-row tiles while experts average under 64 rows (decode), else 64.
     """
     if packed.ndim != 3:
         raise ValueError(f"int4_gmm (gpu): packed expert weights must be [E, K/8, N], got {packed.shape}")
@@ -126,9 +127,10 @@ def int4_gmm(
     m = x.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cdt = x.dtype
-    tm = pow2_block(m, block_m)
+    prefill = m >= 64 * e
+    tm = pow2_block(m, block_m or (64 if prefill else 16))
     rb = pow2_block(k // L.PACK, block_k // L.PACK)
-    tn = pow2_block(n, block_n)
+    tn = pow2_block(n, block_n or (128 if prefill else 64))
     sched = visit_schedule(group_sizes, m, tm)
     meta = jnp.stack([sched.group_ids, sched.tile_ids, sched.lo, sched.hi])
     s3 = scales.reshape(e, k // L.GROUP, n)

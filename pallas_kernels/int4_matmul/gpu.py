@@ -22,6 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import int4_layout as L
 
 MIN_DOT = 16  # Triton needs >= 16 along every dot dimension
+TARGET_PROGRAMS = 264  # ~2 per SM on an H100/H200 (132 SMs)
 
 
 def dot_precision(dtype):
@@ -124,10 +125,10 @@ def int4_matmul(
     *,
     out_dtype=None,
     transpose_rhs: bool = False,
-    block_m: int = 16,
+    block_m: int | None = None,
     block_n: int = 128,
     block_k: int = 256,
-    split_k: int = 1,
+    split_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     interpret: bool = False,
@@ -135,19 +136,23 @@ def int4_matmul(
     """``x [M, K] @ W [K, N]`` (or, with ``transpose_rhs``, ``x [M, N] @ W^T``) on GPU.
 
     ``block_k`` counts weight rows (a multiple of 128: 16 words per MMA); blocks are powers of two and edges
-    are masked, so any ``M`` and any ``K``, ``N`` that are multiples of 32 / 16 work.
+    are masked, so any ``M`` and any ``K``, ``N`` that are multiples of 32 / 16 work. Defaults (untuned on
+    hardware; ``bench.py --sweep`` measures alternatives): 16 rows per block for decode, 64 for prefill, and
+    for decode enough K-splits to give about :data:`TARGET_PROGRAMS` programs.
     """
     k, n = L.check_operands("int4_matmul (gpu)", packed, scales)
     m = x.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cdt = x.dtype
-    tm = pow2_block(m, block_m)
+    tm = pow2_block(m, block_m or (16 if m <= 32 else 64))
     rb = pow2_block(k // L.PACK, block_k // L.PACK)
     s2 = scales.reshape(k // L.GROUP, n)
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     if not transpose_rhs:
         tn = pow2_block(n, block_n)
         steps = pl.cdiv(k // L.PACK, rb)
+        if split_k is None:  # decode: one row block leaves most SMs idle unless K is split
+            split_k = pl.cdiv(TARGET_PROGRAMS, pl.cdiv(m, tm) * pl.cdiv(n, tn)) if m <= 64 else 1
         split_k = max(1, min(split_k, steps))
         per_split = pl.cdiv(steps, split_k)
         kernel = functools.partial(
@@ -166,6 +171,8 @@ def int4_matmul(
         raise ValueError(f"int4_matmul (gpu, transposed): cotangent width {x.shape[1]} != N={n}")
     tn = pow2_block(n, block_n)
     steps = pl.cdiv(n, tn)
+    if split_k is None:
+        split_k = pl.cdiv(TARGET_PROGRAMS, pl.cdiv(m, tm) * pl.cdiv(k // L.PACK, rb)) if m <= 64 else 1
     split_k = max(1, min(split_k, steps))
     per_split = pl.cdiv(steps, split_k)
     kernel = functools.partial(
