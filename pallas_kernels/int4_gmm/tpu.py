@@ -75,7 +75,7 @@ def int4_gmm(
     m = x.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cdt = x.dtype
-    tm = row_block(m, block_m)
+    tm = row_block(m, block_m, x.dtype)
     mp = pl.cdiv(m, tm) * tm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     tk, tn = k_block(k, block_k), lane_block(n, block_n)

@@ -66,9 +66,10 @@ def k_block(k: int, cap: int) -> int:
     return k
 
 
-def row_block(m: int, cap: int) -> int:
-    """Rows per block: ``m`` rounded up to a multiple of 8 (16 for packed dtypes is also fine), capped."""
-    return min(cap, pl.cdiv(m, SUBLANE) * SUBLANE)
+def row_block(m: int, cap: int, dtype) -> int:
+    """Rows per block: ``m`` rounded up to the dtype's sublane tile (8 rows of 32-bit, 16 of bf16), capped."""
+    tile = SUBLANE * max(1, 4 // jnp.dtype(dtype).itemsize)
+    return max(tile, (min(cap, pl.cdiv(m, tile) * tile) // tile) * tile)
 
 
 def _forward_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref, *, cdt):
@@ -124,7 +125,7 @@ def int4_matmul(
     m = x.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     cdt = x.dtype
-    tm = row_block(m, block_m)
+    tm = row_block(m, block_m, x.dtype)
     mp = pl.cdiv(m, tm) * tm
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     tk, tn = k_block(k, block_k), lane_block(n, block_n)
