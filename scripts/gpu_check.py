@@ -117,11 +117,13 @@ def main(argv=None) -> int:
         if left < 30:
             report.append(f"{name}: not run (time budget)\n")
             continue
-        argv_b = ["--out", os.path.join(args.out, f"{name}.json"), *extra]
+        share = left * (0.55 if name == "int4_gmm" else 0.9)  # the gmm bench runs first
+        argv_b = ["--out", os.path.join(args.out, f"{name}.json"), "--budget-seconds", str(int(share * 0.6)), *extra]
         if args.quick:
             argv_b.append("--quick")
         if gpu and not args.no_sweep and left > 200:
-            argv_b.append("--sweep")
+            # the gmm bench goes first; leave the matmul bench its share
+            argv_b += ["--sweep", "--sweep-seconds", str(int(share * 0.3))]
         try:
             results[name] = bench.main(argv_b)
             with open(os.path.join(args.out, f"{name}.md")) as f:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +73,10 @@ def run_case(kind, tokens, experts, k, n, impls, peaks, iters, repeats, per_row,
     return out
 
 
-def sweep(experts, peaks, iters, repeats) -> list[B.Result]:
-    """Triton block configurations at a decode size (8 tokens = 64 rows), GPU only."""
+def sweep(experts, peaks, iters, repeats, seconds) -> list[B.Result]:
+    """Triton block configurations at a decode size (8 tokens = 64 rows), GPU only, until ``seconds`` pass."""
     out = []
+    deadline = time.monotonic() + seconds
     tokens = 8
     sizes_np = routed_group_sizes(tokens, experts, TOP_K, seed=tokens)
     sizes, active = jnp.asarray(sizes_np), int((sizes_np > 0).sum())
@@ -82,7 +84,10 @@ def sweep(experts, peaks, iters, repeats) -> list[B.Result]:
         packed, scales = random_int4(jax.random.key(k + n), (experts,), k, n)
         xs = _xs(tokens * TOP_K, k, repeats, seed=3)
         nbytes = active * (k * n / 2 + (k // L.GROUP) * n * 2) + (tokens * TOP_K * (k + n)) * 2
-        for bm, bn, bk, stages in itertools.product((16,), (32, 64, 128), (256, 512), (3, 4)):
+        for bm, bn, bk, stages in itertools.product((16,), (32, 64, 128), (256, 512), (3,)):
+            if time.monotonic() > deadline:
+                print("sweep: time budget spent")
+                return out
             fn = functools.partial(gpu.int4_gmm, block_m=bm, block_n=bn, block_k=bk, num_stages=stages, interpret=False)
             try:
                 seconds = B.time_op(fn, (packed, scales, sizes), xs, iters=iters)
@@ -114,6 +119,8 @@ def main(argv=None) -> list[B.Result]:
     p.add_argument("--impls", default="pallas,xla,bf16")
     p.add_argument("--prefill", default="512,4096", help="prefill token counts ('' for none)")
     p.add_argument("--max-call-s", type=float, default=2.0, help="skip impls predicted slower than this per call")
+    p.add_argument("--sweep-seconds", type=float, default=120.0, help="time budget of the sweep")
+    p.add_argument("--budget-seconds", type=float, help="stop starting new cases after this long")
     p.add_argument("--peak-gbps", type=float)
     p.add_argument("--peak-tflops", type=float)
     args = p.parse_args(argv)
@@ -128,7 +135,11 @@ def main(argv=None) -> list[B.Result]:
         prefill = [int(t) for t in args.prefill.split(",") if t]
         cases += [("prefill", t, e, k, n, 3, 2) for t in prefill for k, n in K25_SHAPES]
     results, per_row, skipped = [], {}, []
+    stop = time.monotonic() + (args.budget_seconds or float("inf"))
     for kind, tokens, experts, k, n, iters, repeats in cases:
+        if time.monotonic() > stop:
+            skipped.append(f"{kind} tokens={tokens} K={k} N={n}: not run (time budget)")
+            continue
         results += run_case(
             kind, tokens, experts, k, n, impls, peaks, iters, repeats, per_row, args.max_call_s, skipped
         )
@@ -136,7 +147,7 @@ def main(argv=None) -> list[B.Result]:
     if skipped:
         md += "\n\n" + "\n".join(f"- {line}" for line in skipped)
     if args.sweep and jax.default_backend() == "gpu":
-        swept = sweep(e, peaks, iters=20, repeats=8)
+        swept = sweep(e, peaks, iters=20, repeats=8, seconds=args.sweep_seconds)
         results += swept
         md += "\n\n#### Triton block sweep (decode, 8 tokens)\n\n" + B.table(swept, "none")
     print(md)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -69,13 +70,17 @@ def run_case(kind: str, m: int, k: int, n: int, impls, peaks, iters: int, repeat
     return out
 
 
-def sweep(peaks, iters: int, repeats: int) -> list[B.Result]:
-    """Triton block configurations at decode sizes (GPU only)."""
+def sweep(peaks, iters: int, repeats: int, seconds: float) -> list[B.Result]:
+    """Triton block configurations at decode sizes (GPU only), until ``seconds`` have passed."""
     out = []
+    deadline = time.monotonic() + seconds
     for (k, n), m in itertools.product(K25_SHAPES, (8,)):
         packed, scales = random_int4(jax.random.key(k + n), (), k, n)
         xs = _xs(m, k, repeats, seed=1)
-        for bn, bk, sk, stages in itertools.product((32, 64, 128), (256, 512), (1, 4), (3, 4)):
+        for bn, bk, sk, stages in itertools.product((32, 64, 128), (256, 512), (1, 4), (3,)):
+            if time.monotonic() > deadline:
+                print("sweep: time budget spent")
+                return out
             fn = functools.partial(
                 gpu.int4_matmul, block_m=16, block_n=bn, block_k=bk, split_k=sk, num_stages=stages, interpret=False
             )
@@ -106,6 +111,8 @@ def main(argv=None) -> list[B.Result]:
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     p.add_argument("--sweep", action="store_true", help="also time Triton block configurations (GPU)")
     p.add_argument("--impls", default="pallas,xla,bf16")
+    p.add_argument("--sweep-seconds", type=float, default=120.0, help="time budget of the sweep")
+    p.add_argument("--budget-seconds", type=float, help="stop starting new cases after this long")
     p.add_argument("--peak-gbps", type=float)
     p.add_argument("--peak-tflops", type=float)
     args = p.parse_args(argv)
@@ -116,12 +123,18 @@ def main(argv=None) -> list[B.Result]:
     else:
         cases = [("decode", m, k, n, 20, 8) for m in (1, 8, 16) for k, n in K25_SHAPES]
         cases += [("prefill", m, k, n, 5, 2) for m in (512, 4096) for k, n in K25_SHAPES]
-    results = []
+    results, not_run = [], []
+    stop = time.monotonic() + (args.budget_seconds or float("inf"))
     for kind, m, k, n, iters, repeats in cases:
+        if time.monotonic() > stop:
+            not_run.append(f"- {kind} M={m} K={k} N={n}: not run (time budget)")
+            continue
         results += run_case(kind, m, k, n, impls, peaks, iters, repeats)
     md = f"### int4_matmul ({B.header()})\n\n" + B.table(results, "bf16" if "bf16" in impls else impls[-1])
+    if not_run:
+        md += "\n\n" + "\n".join(not_run)
     if args.sweep and jax.default_backend() == "gpu":
-        swept = sweep(peaks, iters=20, repeats=8)
+        swept = sweep(peaks, iters=20, repeats=8, seconds=args.sweep_seconds)
         results += swept
         md += "\n\n#### Triton block sweep (decode)\n\n" + B.table(swept, "none")
     print(md)
