@@ -21,7 +21,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import int4_layout as L
 from pallas_kernels.int4_gmm.schedule import visit_schedule, zero_uncovered_rows
-from pallas_kernels.int4_matmul.gpu import dot_precision, nibble, pow2_block
+from pallas_kernels.int4_matmul.gpu import dot_precision, nibble, offset_words, pow2_block
 
 
 def _words(w_ref, g, r0, rb, n0, tn, n_rows, n_cols):
@@ -53,7 +53,7 @@ def _forward_kernel(meta_ref, x_ref, w_ref, s_ref, o_ref, *, m, k, n, tm, tn, rb
     def _():
         def step(kb, acc):
             r0 = kb * rb
-            words = _words(w_ref, g, r0, rb, n0, tn, k8, n)
+            words = offset_words(_words(w_ref, g, r0, rb, n0, tn, k8, n))
             scale = _scales(s_ref, g, r0, rb, n0, tn, k // L.GROUP, n)
             xmask = (rows < m)[:, None] & ((r0 + jnp.arange(rb)) < k8)[None, :]
             for j in range(L.PACK):
@@ -80,7 +80,7 @@ def _transposed_kernel(meta_ref, g_ref, w_ref, s_ref, o_ref, *, m, k, n, tm, tn,
     def _():
         def step(nb, accs):
             n0 = nb * tn
-            words = _words(w_ref, g, r0, rb, n0, tn, k8, n)
+            words = offset_words(_words(w_ref, g, r0, rb, n0, tn, k8, n))
             scale = _scales(s_ref, g, r0, rb, n0, tn, k // L.GROUP, n)
             gmask = (rows < m)[:, None] & ((n0 + jnp.arange(tn)) < n)[None, :]
             dy = plgpu.load(g_ref.at[pl.ds(m0, tm), pl.ds(n0, tn)], mask=gmask, other=0.0).astype(cdt)

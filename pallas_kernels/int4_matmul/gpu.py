@@ -3,11 +3,11 @@
 One program computes a ``[block_m, block_n]`` output tile (or, transposed, a ``[block_m, block_k]`` tile of
 ``dy @ W^T``) and walks the contraction dimension in a loop. Per K-block of ``block_k`` rows it loads
 ``block_k/8`` int32 words per column, splits them into 8 nibble slabs (slab ``j`` = rows ``8r + j``; see
-:mod:`pallas_kernels.int4_layout`), sign-extends with two shifts, scales in float32 and runs one MMA per slab
-against the matching interleaved activation block. Triton's dot needs both operands in one dtype, so the
-weight is dequantized to the activation dtype in registers right before the MMA. ``split_k`` splits the
-contraction across programs (partial sums in float32, summed by XLA) so decode shapes, with a single row
-block, still occupy every SM.
+:mod:`pallas_kernels.int4_layout`), turns each nibble into a float by bit operations (:func:`nibble`),
+scales in float32 and runs one MMA per slab against the matching interleaved activation block. Triton's dot
+needs both operands in one dtype, so the weight is dequantized to the activation dtype in registers right
+before the MMA. ``split_k`` splits the contraction across programs (partial sums in float32, summed by XLA)
+so decode shapes, with a single row block, still occupy every SM.
 """
 
 from __future__ import annotations
@@ -43,10 +43,25 @@ def expanded_scales(s_ref, g0, groups: int, n0, tn: int, n_groups: int, n_cols: 
     return jnp.broadcast_to(s[:, None, :], (groups, L.GROUP // L.PACK, tn)).reshape(groups * 4, tn)
 
 
-def nibble(words: jax.Array, j: int) -> jax.Array:
-    """Signed nibble ``j`` of int32 ``words`` as float32."""
-    up = jax.lax.shift_left(words, jnp.int32(28 - L.NIBBLE_BITS * j))
-    return jax.lax.shift_right_arithmetic(up, jnp.int32(28)).astype(jnp.float32)
+OFFSET_WORDS = -0x77777778  # 0x88888888 as int32: XOR flips two's-complement nibbles to offset binary u = q + 8
+MAGIC_BITS = 0x4B000000  # float32 2**23: OR-ing u < 2**23 into its mantissa gives exactly 2**23 + u
+MAGIC_VALUE = float(2**23 + 8)
+
+
+def offset_words(words: jax.Array) -> jax.Array:
+    """Once per block of words: nibbles to offset binary, so each value needs no sign extension."""
+    return words ^ jnp.int32(OFFSET_WORDS)
+
+
+def nibble(offset: jax.Array, j: int) -> jax.Array:
+    """Nibble ``j`` of :func:`offset_words` output as the float32 value ``q`` in [-8, 7], exactly.
+
+    Built from bits (shift, mask, OR into the mantissa of 2**23, one subtract) rather than an int-to-float
+    conversion: conversions run at a fraction of the ALU rate on NVIDIA GPUs, and decode must dequantize
+    ~10^13 values/s to keep up with HBM.
+    """
+    u = jax.lax.shift_right_logical(offset, jnp.int32(L.NIBBLE_BITS * j)) & jnp.int32(0xF)
+    return jax.lax.bitcast_convert_type(u | jnp.int32(MAGIC_BITS), jnp.float32) - jnp.float32(MAGIC_VALUE)
 
 
 def load_words(w_ref, r0, rb: int, n0, tn: int, n_rows: int, n_cols: int):
@@ -66,7 +81,7 @@ def _forward_kernel(x_ref, w_ref, s_ref, o_ref, *, m, k, n, tm, tn, rb, steps_pe
 
     def step(kb, acc):
         r0 = (split * steps_per_split + kb) * rb
-        words = load_words(w_ref, r0, rb, n0, tn, k8, n)
+        words = offset_words(load_words(w_ref, r0, rb, n0, tn, k8, n))
         scale = expanded_scales(s_ref, r0 // 4, rb // 4, n0, tn, k // L.GROUP, n)
         cols = r0 + jnp.arange(rb)
         xmask = (rows < m)[:, None] & (cols < k8)[None, :]
@@ -91,7 +106,7 @@ def _transposed_kernel(g_ref, w_ref, s_ref, o_ref, *, m, k, n, tm, tn, rb, steps
 
     def step(nb, accs):
         n0 = (split * steps_per_split + nb) * tn
-        words = load_words(w_ref, r0, rb, n0, tn, k8, n)
+        words = offset_words(load_words(w_ref, r0, rb, n0, tn, k8, n))
         scale = expanded_scales(s_ref, r0 // 4, rb // 4, n0, tn, k // L.GROUP, n)
         gmask = (rows < m)[:, None] & ((n0 + jnp.arange(tn)) < n)[None, :]
         g = plgpu.load(g_ref.at[pl.ds(m0, tm), pl.ds(n0, tn)], mask=gmask, other=0.0).astype(cdt)
@@ -155,6 +170,7 @@ def int4_matmul(
             split_k = pl.cdiv(TARGET_PROGRAMS, pl.cdiv(m, tm) * pl.cdiv(n, tn)) if m <= 64 else 1
         split_k = max(1, min(split_k, steps))
         per_split = pl.cdiv(steps, split_k)
+        split_k = pl.cdiv(steps, per_split)  # no split left without work
         kernel = functools.partial(
             _forward_kernel, m=m, k=k, n=n, tm=tm, tn=tn, rb=rb, steps_per_split=per_split, cdt=cdt
         )
@@ -175,6 +191,7 @@ def int4_matmul(
         split_k = pl.cdiv(TARGET_PROGRAMS, pl.cdiv(m, tm) * pl.cdiv(k // L.PACK, rb)) if m <= 64 else 1
     split_k = max(1, min(split_k, steps))
     per_split = pl.cdiv(steps, split_k)
+    split_k = pl.cdiv(steps, per_split)
     kernel = functools.partial(
         _transposed_kernel, m=m, k=k, n=n, tm=tm, tn=tn, rb=rb, steps_per_split=per_split, cdt=cdt
     )
