@@ -18,7 +18,7 @@ import numpy as np
 
 from pallas_kernels import int4_layout as L
 from pallas_kernels.dispatch import check_impl, dispatch
-from pallas_kernels.int4_gmm import gpu, reference, tpu
+from pallas_kernels.int4_gmm import reference
 
 GPU_ONLY = ("num_warps", "num_stages")
 
@@ -32,7 +32,11 @@ class Setting:
 
 
 def _kernel(flavor: str, setting: Setting, transpose: bool, out_dtype):
-    fn = gpu.int4_gmm if flavor == "gpu" else tpu.int4_gmm
+    # Imported on use: a jax without one backend's Pallas module still imports this package.
+    if flavor == "gpu":
+        from pallas_kernels.int4_gmm.gpu import int4_gmm as fn
+    else:
+        from pallas_kernels.int4_gmm.tpu import int4_gmm as fn
     blocks = {k: v for k, v in setting.blocks if flavor == "gpu" or k not in GPU_ONLY}
     return functools.partial(fn, out_dtype=out_dtype, transpose_rhs=transpose, **blocks)
 
