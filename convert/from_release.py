@@ -59,6 +59,7 @@ def load_release(
     param_dtype=None,
     progress: bool = True,
     config: K25Config | None = None,
+    kernels: str = "xla",
 ) -> K25:
     """Load a release directory into a ready :class:`~k25jax.model.K25` (single host, unsharded).
 
@@ -66,6 +67,10 @@ def load_release(
       path: release directory (``config.json`` + safetensors shards + index).
       dtype: compute dtype. param_dtype: parameter dtype (default: ``dtype``).
       progress: show a progress bar over bytes read.
+      kernels: the expert matmul implementation (``"xla"`` | ``"pallas"``), a run setting of the model.
+
+    INT4 experts land in :class:`~k25jax.quant.Int4Weight` parameters, repacked to the device layout tensor by
+    tensor (never dequantized), so host memory and device memory hold ~0.56 bytes per expert value.
     """
     path = os.fspath(path)
     cfg = config or from_release_config(path)
@@ -73,7 +78,7 @@ def load_release(
     entries = release_entries(cfg)
     check_tensors(reader, entries)
 
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     buffers: dict[tuple[str, ...], np.ndarray] = {}

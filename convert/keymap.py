@@ -118,7 +118,11 @@ def _mlp_entries(p: str, D: int, F: int, base: tuple[str, ...], index: tuple[int
 
 
 def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Target) -> Entry:
-    """A routed-expert projection ``[out, in]``: INT4 pack-quantized, or plain bf16 when unquantized."""
+    """A routed-expert projection ``[out, in]``: INT4 pack-quantized, or plain bf16 when unquantized.
+
+    INT4 tensors go to the two arrays of an :class:`~k25jax.quant.Int4Weight` (``<target>/packed`` and
+    ``<target>/scales``), repacked to the device layout; they are never dequantized.
+    """
     q = cfg.quantization
     if q is None:
         return Entry((Source(f"{p}.weight", (out_dim, in_dim), BF16),), (target,), lambda a: [_t(a[0])], "expert")
@@ -133,10 +137,10 @@ def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Tar
         packed, scale, shape = arrays
         if tuple(int(s) for s in shape) != (out_dim, in_dim):
             raise ValueError(f"tensor {p}.weight_shape holds {[int(s) for s in shape]}, expected {[out_dim, in_dim]}")
-        values = quant.unpack_int4(packed, in_dim)
-        return [_t(quant.dequantize(values, scale, q.group_size))]
+        return list(quant.release_to_device(packed, scale))
 
-    return Entry(sources, (target,), load, "expert")
+    targets = (Target(target.path + ("packed",), target.index), Target(target.path + ("scales",), target.index))
+    return Entry(sources, targets, load, "expert")
 
 
 def text_entries(cfg: K25Config) -> list[Entry]:

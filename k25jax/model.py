@@ -8,9 +8,12 @@ import numpy as np
 from flax import nnx
 
 from k25jax.config import K25Config
+from k25jax.moe import Experts
+from k25jax.quant import GROUP
 from k25jax.text import TextModel
 from k25jax.vision.merger import Projector
 from k25jax.vision.moonvit import MoonViT
+from pallas_kernels.dispatch import check_impl
 
 
 class K25(nnx.Module):
@@ -19,15 +22,37 @@ class K25(nnx.Module):
     With images or video chunks: ``model(input_ids, pixel_values=..., grid_thw=...)``, where ``input_ids``
     holds, for every media item in order, ``(h/2)*(w/2)`` ``<|media_pad|>`` tokens
     (``k25jax.vision.expand_media_pads``) whose embeddings are replaced by the projector outputs.
+
+    ``kernels`` is a run setting: ``"xla"`` (dequantize-then-dot) or ``"pallas"`` (the INT4 Pallas kernels of
+    ``pallas_kernels``, interpreted on CPU); ``"pallas:gpu"`` / ``"pallas:tpu"`` force one kernel. It only
+    matters for INT4 experts. Change it later with :meth:`set_kernels`.
     """
 
-    def __init__(self, cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
+    def __init__(self, cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, kernels: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         v = cfg.vision
         self.vision = None if v is None else MoonViT(v, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.projector = None if v is None else Projector(v, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.quantization is not None:  # the release's experts are INT4: so are ours, from here to the matmul
+            if cfg.quantization.group_size != GROUP:
+                raise ValueError(
+                    f"quantization_config group_size {cfg.quantization.group_size}: INT4 experts on device "
+                    f"support group_size {GROUP} (the released models' value) only"
+                )
+            for module in [m for _, m in nnx.iter_modules(self) if isinstance(m, Experts)]:
+                module.to_int4()
+        self.set_kernels(kernels)
+
+    def set_kernels(self, kernels: str) -> K25:
+        """Choose the expert matmul implementation for later calls (no recompilation of anything else)."""
+        check_impl(kernels)
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, Experts):
+                module.kernels = kernels
+        self.kernels = kernels
+        return self
 
     def vision_features(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
         """Projector outputs ``[M, D]`` (compute dtype) for packed media items, in item order.
@@ -95,14 +120,14 @@ def merge_media(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, pl
     return jnp.where(is_pad[..., None], gathered, embeds)
 
 
-def build_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, seed: int = 0) -> K25:
-    """A randomly initialised model (normal(0, 0.02) matrices, unit norms, zero biases)."""
-    return K25(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+def build_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, seed: int = 0, kernels: str = "xla") -> K25:
+    """A randomly initialised model (normal(0, 0.02) matrices, unit norms; INT4 experts quantize that init)."""
+    return K25(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None) -> K25:
+def abstract_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, kernels: str = "xla") -> K25:
     """The model with ``jax.ShapeDtypeStruct`` leaves: no memory, seconds even at full size."""
-    return nnx.eval_shape(lambda: K25(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: K25(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=nnx.Rngs(0)))
 
 
 def count_params(model: nnx.Module) -> int:
@@ -110,7 +135,8 @@ def count_params(model: nnx.Module) -> int:
     state = nnx.state(model, nnx.Param)
     total = 0
     for leaf in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "logical_size")):
-        total += int(getattr(leaf, "logical_size", None) or _size(leaf))
+        logical = getattr(leaf, "logical_size", None)  # INT4 words count 8 each, their scales 0
+        total += int(_size(leaf) if logical is None else logical)
     return total
 
 

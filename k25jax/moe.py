@@ -12,6 +12,8 @@ from flax import nnx
 
 from k25jax.config import TextConfig
 from k25jax.layers import MLP, param, zeros_init
+from k25jax.quant import Int4Array, Int4Weight
+from pallas_kernels.int4_gmm.ops import int4_gmm
 
 
 def route(
@@ -46,11 +48,54 @@ def route(
     return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32)
 
 
+ExpertWeight = jax.Array | Int4Array  # [E, in, out]: plain (bf16 release) or INT4 (quantized release)
+
+
+def expert_matmul(rows: jax.Array, weight: ExpertWeight, group_sizes: jax.Array, *, dtype, kernels: str) -> jax.Array:
+    """Grouped matmul ``rows [M, in]`` (sorted by expert, ``group_sizes [E]``) x ``weight [E, in, out]`` -> float32.
+
+    INT4 weights stay packed: ``int4_gmm`` (XLA or Pallas as ``kernels`` says) dequantizes tiles on the fly.
+    """
+    rows = rows.astype(dtype)
+    if isinstance(weight, Int4Array):
+        return int4_gmm(rows, weight.packed, weight.scales, group_sizes, impl=kernels, out_dtype=jnp.float32)
+    return jax.lax.ragged_dot(rows, weight.astype(dtype), group_sizes, preferred_element_type=jnp.float32)
+
+
+def expert_swiglu(
+    x_sorted: jax.Array,
+    group_sizes: jax.Array,
+    gate: ExpertWeight,
+    up: ExpertWeight,
+    down: ExpertWeight,
+    *,
+    dtype,
+    kernels: str = "xla",
+) -> jax.Array:
+    """The routed experts' SwiGLU over rows sorted by expert: ``down(silu(gate x) * up x)`` -> ``[M, D]`` float32.
+
+    A pure function of (rows, group sizes, the experts' weights) so that expert parallelism can run it on each
+    device's local experts.
+    """
+    hidden = jax.nn.silu(expert_matmul(x_sorted, gate, group_sizes, dtype=dtype, kernels=kernels))
+    hidden = hidden * expert_matmul(x_sorted, up, group_sizes, dtype=dtype, kernels=kernels)
+    return expert_matmul(hidden, down, group_sizes, dtype=dtype, kernels=kernels)
+
+
 class Experts(nnx.Module):
-    """Routed expert weights stacked ``[E, D, F]`` / ``[E, F, D]`` and their grouped SwiGLU."""
+    """Routed expert weights stacked ``[E, D, F]`` / ``[E, F, D]`` and their grouped SwiGLU.
+
+    Built as plain parameters; a model of a quantized release calls :meth:`to_int4` once (in
+    :class:`~k25jax.model.K25`), after which the weights are :class:`~k25jax.quant.Int4Weight` and stay packed.
+    ``kernels`` (``"xla"`` | ``"pallas"`` ...) is a run setting chosen on the model
+    (:meth:`k25jax.model.K25.set_kernels`), not a config field.
+    """
+
+    WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
+        self.kernels = "xla"
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_proj = param(
             rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), param_dtype, what="Experts.gate_proj"
@@ -62,16 +107,25 @@ class Experts(nnx.Module):
             rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), param_dtype, what="Experts.down_proj"
         )
 
+    def to_int4(self) -> None:
+        """Replace the plain weights by INT4 ones (release quantization rule; logical axes kept)."""
+        for name in self.WEIGHTS:
+            weight = getattr(self, name)
+            if isinstance(weight, nnx.Param):
+                axes = weight.get_metadata()["out_sharding"]
+                setattr(self, name, Int4Weight.from_float(weight[...], axes, what=f"Experts.{name}"))
+
     def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """``x_sorted [M, D]`` rows grouped by expert (``group_sizes [E]``) -> ``[M, D]``."""
-        dt = self.dtype
-
-        def gmm(lhs, rhs):
-            return jax.lax.ragged_dot(lhs, rhs[...].astype(dt), group_sizes, preferred_element_type=jnp.float32)
-
-        x_sorted = x_sorted.astype(dt)
-        hidden = jax.nn.silu(gmm(x_sorted, self.gate_proj)) * gmm(x_sorted, self.up_proj)
-        return gmm(hidden.astype(dt), self.down_proj)
+        """``x_sorted [M, D]`` rows grouped by expert (``group_sizes [E]``) -> ``[M, D]`` float32."""
+        return expert_swiglu(
+            x_sorted,
+            group_sizes,
+            self.gate_proj[...],
+            self.up_proj[...],
+            self.down_proj[...],
+            dtype=self.dtype,
+            kernels=self.kernels,
+        )
 
 
 class MoE(nnx.Module):

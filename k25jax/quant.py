@@ -1,17 +1,43 @@
-"""INT4 weights: the release packing (compressed-tensors ``pack-quantized``), quantize and dequantize.
+"""INT4 weights: the release packing, the on-device INT4 type, quantize and dequantize.
 
 Release packing (``shared/docs/k25-architecture.md`` section 4): a weight ``W [O, I]`` is stored as
 ``weight_packed int32 [O, I/8]`` and ``weight_scale [O, I/group]``. Value ``q`` in [-8, 7] is stored as the
 nibble ``u = q + 8``; input column ``k`` lives in word ``k // 8`` at bits ``4 * (k % 8)`` (low nibble first).
 ``W[o, k] = (u - 8) * scale[o, k // group]``. Quantizing uses ``scale = max|w_group| / 7.5`` and
-``q = clamp(round(w / scale), -8, 7)``.
+``q = clamp(round(w / scale), -8, 7)``. The numpy helpers below serve the loader and converters.
 
-These host-side (numpy) helpers serve the loader and converters.
+On device (the kernels' layout, :mod:`pallas_kernels.int4_layout`) the same weight, transposed to the
+``[in, out] = [K, N]`` the math uses, is ``packed int32 [..., K/8, N]`` (K-major, two's-complement nibbles)
+plus ``scales [..., K/32, 1, N]``: 0.5 bytes per value plus a bf16 scale per 32 (0.5625 bytes in all).
+:func:`release_to_device` / :func:`device_to_release` convert exactly, both ways (a transpose and an XOR).
+
+Two types carry it:
+
+- :class:`Int4Array`: a registered pytree of the two plain arrays, the *value* the math and the kernels take.
+  Its leaves are ordinary arrays, so it passes through ``jax.jit``, ``jax.lax.scan`` (slicing a leading layer
+  axis), ``jax.eval_shape`` and ``jax.device_put`` (one sharding per leaf) untouched.
+- :class:`Int4Weight`: how the weight sits in a model, an ``nnx.Module`` holding the two arrays as two
+  parameters (:class:`Int4Packed`, :class:`Int4Scales`, both ``nnx.Param``), each with its own logical axes.
+  Two parameters rather than one parameter holding a pytree because Flax and the sharding code attach one
+  ``out_sharding`` tuple per variable, and the two arrays differ in rank. ``weight[...]`` returns the
+  :class:`Int4Array`, as ``param[...]`` returns an array.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from k25jax.sharding import check_axes
+from pallas_kernels import int4_layout
+
+GROUP = int4_layout.GROUP
+SCALE_DTYPE = jnp.bfloat16  # the release's scale dtype; wider scales would exceed 0.57 bytes per value
 
 NIBBLES_PER_WORD = 8
 QMIN, QMAX = -8, 7
@@ -63,3 +89,148 @@ def quantize(w: np.ndarray, group_size: int, scale_dtype=None) -> tuple[np.ndarr
     safe = np.where(sf == 0, 1.0, sf)
     q = np.clip(np.round(wf / safe[..., None]), QMIN, QMAX).astype(np.int8)
     return q.reshape(w.shape), scale
+
+
+# --- release <-> device (host side, numpy) -------------------------------------------------------------------
+
+_FLIP = np.uint32(0x88888888)  # offset-binary nibble u = q + 8  <->  two's-complement nibble q & 0xF
+
+
+def release_to_device(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Release ``weight_packed int32 [O, I/8]`` and ``weight_scale [O, I/32]`` -> device ``packed int32 [I/8, O]``
+    and ``scales [I/32, 1, O]`` (same dtype as ``scale``). Exact; ``I`` must be a multiple of 32."""
+    if packed.dtype != np.int32:
+        raise ValueError(f"packed INT4 words must be int32, got {packed.dtype}")
+    out_dim, words = packed.shape
+    if scale.shape != (out_dim, words * NIBBLES_PER_WORD // GROUP) or words * NIBBLES_PER_WORD % GROUP:
+        raise ValueError(f"INT4 scales of shape {list(scale.shape)} do not fit packed words {list(packed.shape)}")
+    flipped = (packed.view(np.uint32) ^ _FLIP).view(np.int32)
+    return np.ascontiguousarray(flipped.T), np.ascontiguousarray(scale.T[:, None, :])
+
+
+def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`release_to_device`."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.int32:
+        raise ValueError(f"packed INT4 words must be int32, got {packed.dtype}")
+    flipped = (packed.view(np.uint32) ^ _FLIP).view(np.int32)
+    return np.ascontiguousarray(flipped.T), np.ascontiguousarray(np.asarray(scales)[:, 0, :].T)
+
+
+# --- the on-device type -----------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int4Array:
+    """An INT4 weight ``W [..., K, N]``: ``packed int32 [..., K/8, N]`` and ``scales [..., K/32, 1, N]``.
+
+    ``W[..., k, n] = q[..., k, n] * scales[..., k // 32, 0, n]`` with ``q`` the signed nibble ``k % 8`` of word
+    ``k // 8`` (layout: :mod:`pallas_kernels.int4_layout`). Leading axes (layers, experts) index both leaves.
+    """
+
+    packed: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (unpacked) shape ``[..., K, N]``."""
+        return int4_layout.logical_shape(tuple(self.packed.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.packed.shape)
+
+    @property
+    def size(self) -> int:
+        """Logical element count."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the two arrays (``0.5 + itemsize(scales) / 32`` per logical element)."""
+        return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in (self.packed, self.scales))
+
+    def __getitem__(self, index) -> Int4Array:
+        """Index leading (layer / expert) axes: ``w[3]``, ``w[:, 0]``. The last two axes are not indexable."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > self.ndim - 2 or any(i is Ellipsis or i is None for i in index):
+            raise IndexError(f"Int4Array of shape {self.shape}: only its leading axes can be indexed, got {index}")
+        return Int4Array(self.packed[index], self.scales[index])
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The weight ``[..., K, N]`` in ``dtype`` (``q * scale`` in float32, then cast)."""
+        return int4_layout.dequantize(self.packed, self.scales, dtype)
+
+    @classmethod
+    def quantize(cls, w: jax.Array, scale_dtype=SCALE_DTYPE) -> Int4Array:
+        """Group-32 symmetric quantization of ``w [..., K, N]`` along K (the release rule)."""
+        return cls(*int4_layout.quantize(w, scale_dtype))
+
+    @classmethod
+    def from_release(cls, packed: np.ndarray, scale: np.ndarray) -> Int4Array:
+        """From a release ``weight_packed [O, I/8]`` / ``weight_scale [O, I/32]`` pair (``W [I, O]`` on device)."""
+        p, s = release_to_device(np.asarray(packed), np.asarray(scale))
+        return cls(jnp.asarray(p), jnp.asarray(s))
+
+    def to_release(self) -> tuple[np.ndarray, np.ndarray]:
+        """Back to the release pair ``(weight_packed int32 [O, I/8], weight_scale [O, I/32])``, bit-exact."""
+        if self.ndim != 2:
+            raise ValueError(f"to_release converts one [K, N] weight at a time, got shape {self.shape}")
+        return device_to_release(np.asarray(self.packed), np.asarray(self.scales))
+
+
+def int4_axes(axes: tuple[str | None, ...]) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+    """Logical axes of a weight ``[..., K, N]`` -> those of ``packed [..., K/8, N]`` and ``scales [..., K/32, 1, N]``.
+
+    The group axis of the scales takes K's name so that sharding K splits values and scales alike.
+    """
+    return tuple(axes), (*axes[:-1], None, axes[-1])
+
+
+class Int4Packed(nnx.Param):
+    """The packed int32 words of an :class:`Int4Weight`; counts as 8 parameters per word."""
+
+    @property
+    def logical_size(self) -> int:
+        return math.prod(self.shape) * int4_layout.PACK
+
+
+class Int4Scales(nnx.Param):
+    """The group scales of an :class:`Int4Weight`; not counted as parameters (the release does not)."""
+
+    @property
+    def logical_size(self) -> int:
+        return 0
+
+
+class Int4Weight(nnx.Module):
+    """An INT4 weight parameter of logical shape ``[..., K, N]`` with logical ``axes`` (one per logical dim).
+
+    ``weight[...]`` is the :class:`Int4Array` value; ``weight.shape`` the logical shape. Build one from
+    arrays, or with :meth:`from_float` (quantizing); loaders overwrite both arrays in place.
+    """
+
+    def __init__(self, value: Int4Array, axes: tuple[str | None, ...], *, what: str = "Int4Weight"):
+        check_axes(tuple(axes), value.shape, what)
+        packed_axes, scale_axes = int4_axes(tuple(axes))
+        self.packed = Int4Packed(value.packed, out_sharding=packed_axes, eager_sharding=False)
+        self.scales = Int4Scales(value.scales, out_sharding=scale_axes, eager_sharding=False)
+
+    @classmethod
+    def from_float(
+        cls, w: jax.Array, axes: tuple[str | None, ...], *, scale_dtype=SCALE_DTYPE, what: str = "Int4Weight"
+    ) -> Int4Weight:
+        """Quantize ``w [..., K, N]`` (group 32 along K, the release rule)."""
+        if w.ndim < 2 or w.shape[-2] % GROUP:
+            raise ValueError(f"{what}: INT4 weights need shape [..., K, N] with K a multiple of {GROUP}, got {w.shape}")
+        return cls(Int4Array.quantize(w, scale_dtype), axes, what=what)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return int4_layout.logical_shape(tuple(self.packed.shape))
+
+    def __getitem__(self, index) -> Int4Array:
+        if index is not Ellipsis:
+            raise IndexError("Int4Weight: use weight[...] for its Int4Array value (then index that)")
+        return Int4Array(self.packed[...], self.scales[...])

@@ -160,3 +160,41 @@ def test_corrupt_shard(tmp_path, release, damage):
 def test_not_a_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         load_model(tmp_path / "absent")
+
+
+def _expert_weights(model):
+    from flax import nnx
+
+    from k25jax.moe import Experts
+
+    return [getattr(m, n) for _, m in nnx.iter_modules(model) if isinstance(m, Experts) for n in Experts.WEIGHTS]
+
+
+def test_int4_experts_stay_packed_on_device(tmp_path, release):
+    """Loaded INT4 experts are the INT4 type, <= 0.57 resident bytes per expert value, bit-exact to the files."""
+    from k25jax.quant import Int4Weight
+
+    cfg, _, tensors = release
+    model = load_model(_write(tmp_path, cfg, tensors), progress=False)
+    weights = _expert_weights(model)
+    assert len(weights) == 3 and all(isinstance(w, Int4Weight) for w in weights)
+    resident = sum(a.on_device_size_in_bytes() for w in weights for a in (w.packed[...], w.scales[...]))
+    values = sum(int(np.prod(w.shape)) for w in weights)
+    per_value = resident / values
+    print(f"resident bytes per expert parameter: {per_value:.4f} ({resident} bytes / {values} values)")
+    assert per_value <= 0.57
+    # layer 2 is the second MoE layer (index 1 of the stack); expert 5's down_proj, back in release form
+    packed, scale = weights[2][...][1, 5].to_release()
+    name = "language_model.model.layers.2.mlp.experts.5.down_proj"
+    np.testing.assert_array_equal(packed, tensors[f"{name}.weight_packed"].numpy())
+    np.testing.assert_array_equal(scale.astype(np.float32), tensors[f"{name}.weight_scale"].float().numpy())
+
+
+def test_unquantized_release_keeps_plain_experts(tmp_path):
+    from flax import nnx
+
+    cfg = dataclasses.replace(configs.grouped(), vision=None, quantization=None)
+    hf = oracle.make_hf_text_model(cfg, seed=8)
+    model = load_model(_write(tmp_path, cfg, oracle.release_tensors(hf, cfg)), progress=False)
+    weights = _expert_weights(model)
+    assert all(isinstance(w, nnx.Param) and w[...].dtype == jnp.bfloat16 for w in weights)
