@@ -38,7 +38,12 @@ ACTIVATION_AXES = {
     "act_heads": "activation heads H",
     "act_vocab": "logits vocabulary",
     "tokens": "flattened tokens (B*T, or B*T*k after routing)",
+    "kv_latent": "latent KV cache width C + R ([normed c_kv | roped k_pe] per cached token)",
 }
+
+# Logical axes of the latent KV cache ``[L, B, S, C + R]`` (k25jax/cache.py), stacked per layer stack like
+# the parameters.
+CACHE_AXES = ("layers", "batch", "kv_seq", "kv_latent")
 
 LOGICAL_AXES = {**PARAM_AXES, **ACTIVATION_AXES}
 
