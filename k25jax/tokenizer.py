@@ -160,7 +160,9 @@ class Tokenizer:
         self.special_tokens = specials
         self.special_names = {v: k for k, v in specials.items()}
         self.pattern = pattern
-        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=dict(mergeable_ranks), special_tokens=specials)
+        self._enc = tiktoken.Encoding(
+            name, pat_str=pattern, mergeable_ranks=dict(mergeable_ranks), special_tokens=specials
+        )
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
