@@ -8,8 +8,7 @@ import sys
 import jax.numpy as jnp
 import pytest
 
-from k25jax import build_model, preset
-from k25jax import cli_generate
+from k25jax import build_model, cli_generate, preset
 from k25jax.chat import encode, parse_ids
 from k25jax.cli import main
 from k25jax.generate import generate
