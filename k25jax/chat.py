@@ -264,6 +264,39 @@ def _tool_calls_text(calls: Any, index: int) -> str:
     return "".join(out)
 
 
+def builtin_template() -> str:
+    """k25jax's own Jinja template of the format (``k25jax/assets/chat_template.jinja``), for :func:`render_template`."""
+    from importlib import resources
+
+    return (resources.files("k25jax") / "assets" / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def render_template(
+    template: str | None,
+    messages: Sequence[Mapping],
+    *,
+    tools: Sequence[Mapping] | None = None,
+    thinking: bool = True,
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render with a Jinja chat template in a sandbox (``trim_blocks``, ``lstrip_blocks``, ``tojson`` without
+    ASCII escaping), as Hugging Face tokenizers do. ``template=None`` uses :func:`builtin_template`. The template
+    gets ``messages``, ``tools``, ``tools_declaration`` (:func:`tool_declaration`), ``thinking`` and
+    ``add_generation_prompt``."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    _validate(messages)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
+    return env.from_string(template if template is not None else builtin_template()).render(
+        messages=list(messages),
+        tools=list(tools) if tools else None,
+        tools_declaration=tool_declaration(tools) if tools else "",
+        thinking=thinking,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
 # --------------------------------------------------------------------------------------------------------
 # Token ids with media expanded
 # --------------------------------------------------------------------------------------------------------

@@ -103,25 +103,30 @@ def _last_logits(text, h: jax.Array, index: jax.Array) -> jax.Array:
     return text.logits(rows)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
-def _prefill(graphdef, state, input_ids, lengths, cache, embeds, embeds_mask):
-    text = nnx.merge(graphdef, state)
+def _embed(text, input_ids, embeds, embeds_mask):
     h = text.embed(input_ids)
     if embeds is not None:
         h = jnp.where(embeds_mask[:, :, None], embeds.astype(h.dtype), h)
+    return h
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
+def _prefill(graphdef, state, input_ids, lengths, cache, embeds, embeds_mask):
+    text = nnx.merge(graphdef, state)
     starts = jnp.zeros_like(lengths)
-    h, cache = text.hidden_cached(h, starts, lengths, cache, absorbed=False)
+    h, cache = text.hidden_cached(_embed(text, input_ids, embeds, embeds_mask), starts, lengths, cache, absorbed=False)
     return _last_logits(text, h, lengths - 1), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames="cache")
-def _extend(graphdef, state, input_ids, chunk_lengths, cache, all_logits):
+def _extend(graphdef, state, input_ids, chunk_lengths, cache, all_logits, embeds=None, embeds_mask=None):
     text = nnx.merge(graphdef, state)
     starts = cache.lengths
-    h, cache = text.hidden_cached(text.embed(input_ids), starts, starts + chunk_lengths, cache, absorbed=True)
+    h = _embed(text, input_ids, embeds, embeds_mask)
+    h, cache = text.hidden_cached(h, starts, starts + chunk_lengths, cache, absorbed=True)
     if all_logits:
         return text.logits(h), cache
-    return _last_logits(text, h, chunk_lengths - 1), cache
+    return _last_logits(text, h, jnp.maximum(chunk_lengths - 1, 0)), cache
 
 
 def _finish(tokens, done, lengths, max_len, stop_ids):
@@ -130,12 +135,10 @@ def _finish(tokens, done, lengths, max_len, stop_ids):
     return done | stopped | (lengths + 1 >= max_len)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
-def _prefill_and_sample(graphdef, state, input_ids, lengths, cache, embeds, embeds_mask, key, sampling, stop_ids):
-    logits, cache = _prefill(graphdef, state, input_ids, lengths, cache, embeds, embeds_mask)
+@jax.jit
+def _sample_first(logits, lengths, max_len, key, sampling, stop_ids):
     tokens = sample(logits, jax.random.fold_in(key, 0), *sampling)
-    done = _finish(tokens, jnp.zeros_like(lengths, bool), cache.lengths, cache.max_len, stop_ids)
-    return tokens, done, cache
+    return tokens, _finish(tokens, jnp.zeros(tokens.shape, bool), lengths, max_len, stop_ids)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
@@ -256,6 +259,7 @@ def stream(
     max_context: int | None = None,
     inputs_embeds: Sequence | None = None,
     cache_dtype=None,
+    prefill_chunk: int = 512,
 ) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding one list per step: the new token of each sequence, or None
     for a sequence that has already finished. Arguments as :func:`generate`."""
@@ -271,15 +275,15 @@ def stream(
         raise ValueError(
             f"generate: prompt {i} has {longest} tokens, leaving no room for a new one in max_context {max_context}"
         )
-    T = _bucket(longest)
-    S = min(max_context, _bucket(T + max_new_tokens, 128))
-    if T > S:  # the padded prompt must fit the cache; padding beyond max_context is pointless
-        T = S
+    chunk = _bucket(prefill_chunk)
+    # Pad the prompts to a power of two, or to whole chunks when they need more than one.
+    T = _bucket(longest) if longest <= chunk else -(-longest // chunk) * chunk
+    S = min(max_context, _bucket(longest + max_new_tokens, 128))
     B = len(prompts)
     ids = np.zeros((B, T), np.int32)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = p
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
     embeds, embeds_mask = _pad_embeds(inputs_embeds, prompts, T, cfg.hidden_size)
 
     stops = list(default_stop_ids(model) if stop_token_ids is None else stop_token_ids)
@@ -289,9 +293,33 @@ def stream(
     graphdef, state = nnx.split(text)
     cache = LatentCache.zeros(cfg, B, S, cache_dtype or text.dtype)
 
-    tokens, done, cache = _prefill_and_sample(
-        graphdef, state, jnp.asarray(ids), lengths, cache, embeds, embeds_mask, key, sampling, stop_ids
+    # The first chunk in full form; later chunks (long prompts) in the absorbed form over the cache, so the
+    # score tensor stays [B, H, chunk, S]. A padded slot past S is dropped by the cache write.
+    first = slice(0, min(T, chunk))
+    logits, cache = _prefill(
+        graphdef,
+        state,
+        jnp.asarray(ids[:, first]),
+        jnp.asarray(np.minimum(lengths, chunk)),
+        cache,
+        None if embeds is None else embeds[:, first],
+        None if embeds is None else embeds_mask[:, first],
     )
+    for start in range(chunk, T, chunk):
+        part = slice(start, start + chunk)
+        part_lengths = np.clip(lengths - start, 0, chunk)
+        new_logits, cache = _extend(
+            graphdef,
+            state,
+            jnp.asarray(ids[:, part]),
+            jnp.asarray(part_lengths),
+            cache,
+            False,
+            None if embeds is None else embeds[:, part],
+            None if embeds is None else embeds_mask[:, part],
+        )
+        logits = jnp.where(jnp.asarray(part_lengths)[:, None] > 0, new_logits, logits)  # rows that ended earlier
+    tokens, done = _sample_first(logits, cache.lengths, S, key, sampling, stop_ids)
     finished = np.zeros(B, bool)
     for step in range(max_new_tokens):
         current, current_done = tokens, done
@@ -320,6 +348,7 @@ def generate(
     max_context: int | None = None,
     inputs_embeds: Sequence | None = None,
     cache_dtype=None,
+    prefill_chunk: int = 512,
 ) -> list[list[int]]:
     """Generate new tokens for a batch of token-id prompts.
 
@@ -338,6 +367,9 @@ def generate(
       inputs_embeds: optional per-prompt ``[T_b, D]`` embeddings (or None) replacing the token embeddings,
         e.g. prompts with media merged by the vision tower.
       cache_dtype: latent cache dtype (default: the model's compute dtype).
+      prefill_chunk: prompts longer than this (rounded up to a power of two) are prefilled in chunks: the
+        first in full form, the rest in absorbed form over the cache, bounding the attention scores to
+        ``[B, H, chunk, cache length]``.
     Returns: the new tokens of each prompt, stop token included.
     """
     out: list[list[int]] | None = None
@@ -353,6 +385,7 @@ def generate(
         max_context=max_context,
         inputs_embeds=inputs_embeds,
         cache_dtype=cache_dtype,
+        prefill_chunk=prefill_chunk,
     ):
         if out is None:
             out = [[] for _ in step]

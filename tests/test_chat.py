@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from k25jax.chat import ChatFormatError, encode, parse, parse_ids, render, tool_declaration
+from k25jax.chat import ChatFormatError, encode, parse, parse_ids, render, render_template, tool_declaration
 from k25jax.tokenizer import Tokenizer
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -352,3 +352,14 @@ def test_parse_never_raises_on_garbage():
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 30))]
         reply = parse_ids(ids, tok)
         assert isinstance(reply.content, str) and isinstance(reply.tool_calls, list)
+
+
+def test_jinja_template_agrees_with_the_python_renderer():
+    """k25jax's own Jinja template (sandboxed, trim_blocks, lstrip_blocks) gives identical strings."""
+    question = [SYSTEM, {"role": "user", "content": "What is 2+2?"}]
+    assert render_template(None, question) == GOLDEN_A
+    assert render_template(None, question, thinking=False) == GOLDEN_B
+    assert render_template(None, weather_conversation(), tools=WEATHER_TOOL) == GOLDEN_C
+    assert render_template(None, [{"role": "user", "content": "hi"}]) == GOLDEN_D
+    for case, (messages, kwargs, expected) in RENDER_TABLE.items():
+        assert render_template(None, messages, **kwargs) == expected, case

@@ -151,3 +151,14 @@ def test_seeded_sampling_is_reproducible(model):
     a = generate(model, [[7, 8, 9]], seed=1, **kw)
     assert a == generate(model, [[7, 8, 9]], seed=1, **kw)
     assert a != generate(model, [[7, 8, 9]], seed=2, **kw)
+
+
+def test_chunked_prefill_matches_one_pass(model):
+    """Long prompts prefill in chunks (full form, then absorbed over the cache): same greedy tokens."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 40, 23)]
+    kw = dict(max_new_tokens=8, temperature=0.0, stop_token_ids=())
+    own = [np.asarray(model.text.embed(jnp.asarray([p])))[0] + 0.01 for p in prompts]
+    one_pass = generate(model, prompts, inputs_embeds=own, **kw)
+    assert generate(model, prompts, prefill_chunk=16, inputs_embeds=own, **kw) == one_pass
+    assert one_pass != generate(model, prompts, **kw)  # the embeddings were used
