@@ -6,7 +6,11 @@ both: ``t1`` = generate 1 new token (prefill + one sample), ``tN`` = generate ``
 prefill tokens/s = ``B * P / t1``, decode tokens/s = ``B * N / (tN - t1)``; median of ``--repeats`` runs after a
 warm-up (k25jax compile time reported apart).
 
-    python benchmarks/generate_bench.py [--config small|tiny] [--prompt 128] [--new 64] [--batch 1 4]
+Threads: ``--threads N`` gives both sides N CPU threads (torch ``set_num_threads``; XLA's CPU client
+``intra_op_parallelism_threads`` with Eigen threading off when N is 1). The default, 1, keeps the ratio steady on
+a shared machine, where a multi-threaded torch degrades badly when other processes take its cores.
+
+    python benchmarks/generate_bench.py [--config small|tiny] [--prompt 128] [--new 64] [--batch 1 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,6 +24,22 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _threads_from_argv(argv) -> int:
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return 1
+
+
+THREADS = _threads_from_argv(sys.argv)  # XLA reads its flags when jax starts: set them before the import
+if THREADS == 1:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # this checkout's k25jax, and the oracle's release writer
 
@@ -81,11 +101,12 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64, help="decode tokens per sequence")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for each side (default 1; 0: all cores)")
     args = ap.parse_args(argv)
 
     import oracle
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     cfg = configs(args.config)
     hf = oracle.make_hf_text_model(cfg, seed=0)
     hf.generation_config.eos_token_id = None
@@ -97,7 +118,8 @@ def main(argv=None):
     print(
         f"config {args.config}: D {t.hidden_size}, layers {t.num_hidden_layers}, heads {t.num_attention_heads}, "
         f"experts {t.n_routed_experts} top-{t.num_experts_per_tok}, vocab {t.vocab_size}; float32, CPU "
-        f"({os.cpu_count()} cores), prompt {args.prompt}, {args.new} new tokens, jax {jax.__version__}, "
+        f"({os.cpu_count()} cores, {args.threads or 'all'} thread(s) each), prompt {args.prompt}, "
+        f"{args.new} new tokens, jax {jax.__version__}, "
         f"torch {torch.__version__}"
     )
     print(f"{'batch':>5} | {'prefill tok/s':>27} | {'decode tok/s':>27} | greedy tokens equal")

@@ -265,7 +265,7 @@ def _tool_calls_text(calls: Any, index: int) -> str:
 
 
 def builtin_template() -> str:
-    """k25jax's own Jinja template of the format (``k25jax/assets/chat_template.jinja``), for :func:`render_template`."""
+    """k25jax's own Jinja template of the format (``assets/chat_template.jinja``), for :func:`render_template`."""
     from importlib import resources
 
     return (resources.files("k25jax") / "assets" / "chat_template.jinja").read_text(encoding="utf-8")

@@ -47,7 +47,14 @@ def route(
 
 
 class Experts(nnx.Module):
-    """Routed expert weights stacked ``[E, D, F]`` / ``[E, F, D]`` and their grouped SwiGLU."""
+    """Routed expert weights stacked ``[E, D, F]`` / ``[E, F, D]`` and their grouped SwiGLU.
+
+    Inside a layer scan that keeps the expert weights whole (``k25jax.text.scan_layers`` with a cache), the
+    weights are the whole stack ``[L, E, ...]`` and ``layer_index`` says which layer this is; :meth:`weight` and
+    :meth:`expert_weight` hide the difference.
+    """
+
+    layer_index: jax.Array | None = None  # set only on a layer merged from whole (layer-stacked) weights
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -62,16 +69,28 @@ class Experts(nnx.Module):
             rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), param_dtype, what="Experts.down_proj"
         )
 
+    def weight(self, name: str) -> jax.Array:
+        """All experts of one projection, ``[E, in, out]``, in the compute dtype."""
+        w = getattr(self, name)[...]
+        if self.layer_index is not None:
+            w = jax.lax.dynamic_index_in_dim(w, self.layer_index, 0, keepdims=False)
+        return w.astype(self.dtype)
+
+    def expert_weight(self, name: str, expert: jax.Array) -> jax.Array:
+        """One expert's projection ``[in, out]`` (a single slice; the other experts are never read)."""
+        w = getattr(self, name)[...]
+        index = (expert,) if self.layer_index is None else (self.layer_index, expert)
+        return w[index].astype(self.dtype)
+
     def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """``x_sorted [M, D]`` rows grouped by expert (``group_sizes [E]``) -> ``[M, D]``."""
-        dt = self.dtype
 
-        def gmm(lhs, rhs):
-            return jax.lax.ragged_dot(lhs, rhs[...].astype(dt), group_sizes, preferred_element_type=jnp.float32)
+        def gmm(lhs, name):
+            return jax.lax.ragged_dot(lhs, self.weight(name), group_sizes, preferred_element_type=jnp.float32)
 
-        x_sorted = x_sorted.astype(dt)
-        hidden = jax.nn.silu(gmm(x_sorted, self.gate_proj)) * gmm(x_sorted, self.up_proj)
-        return gmm(hidden.astype(dt), self.down_proj)
+        x_sorted = x_sorted.astype(self.dtype)
+        hidden = jax.nn.silu(gmm(x_sorted, "gate_proj")) * gmm(x_sorted, "up_proj")
+        return gmm(hidden.astype(self.dtype), "down_proj")
 
 
 class MoE(nnx.Module):
@@ -93,7 +112,10 @@ class MoE(nnx.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, experts = route(tokens, self.router[...], self.correction_bias[...], self.cfg)
-        out = dispatch_combine(tokens, weights, experts, self.experts, self.cfg.n_routed_experts)
+        if per_pair_pays(tokens.shape[0] * self.cfg.num_experts_per_tok, self.cfg):
+            out = per_pair_experts(tokens, weights, experts, self.experts)
+        else:
+            out = dispatch_combine(tokens, weights, experts, self.experts, self.cfg.n_routed_experts)
         out = out.astype(self.dtype).reshape(shape)
         if self.shared is not None:
             out = out + self.shared(x)
@@ -115,3 +137,34 @@ def dispatch_combine(
     rows = expert_fn(tokens[token_of_row], group_sizes)
     rows = rows.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((n, tokens.shape[-1]), jnp.float32).at[token_of_row].add(rows)
+
+
+# Few (token, expert) pairs (decode): running the pairs one by one reads only the chosen experts' weights, at most
+# one pass over the experts, where a grouped matmul may touch all of them (XLA's CPU ragged_dot is a masked dense
+# matmul over every expert, plus a transposed copy of the weights). One expert is in flight at a time, so no
+# [pairs, D, F] copy of the weights is ever formed.
+
+
+def per_pair_pays(pairs: int, cfg: TextConfig) -> bool:
+    """Whether :func:`per_pair_experts` should run ``pairs`` (token, expert) pairs (static): at most ``E``."""
+    return pairs <= cfg.n_routed_experts
+
+
+def per_pair_experts(tokens: jax.Array, weights: jax.Array, experts: jax.Array, routed: Experts) -> jax.Array:
+    """``sum_k w_k E_k(x)`` one (token, expert) pair at a time (a scan): ``tokens [N, D]``, ``weights``/``experts
+    [N, k]`` -> ``[N, D]`` float32. Same per-row math as :func:`dispatch_combine` (float32 accumulation)."""
+    dt = routed.dtype
+    n, k = experts.shape
+    rows = jnp.repeat(tokens.astype(dt), k, axis=0)  # [N*k, D]
+
+    def one(_, pair):
+        x, e = pair
+
+        def mm(a, name):
+            return jnp.dot(a, routed.expert_weight(name, e), preferred_element_type=jnp.float32)
+
+        hidden = (jax.nn.silu(mm(x, "gate_proj")) * mm(x, "up_proj")).astype(dt)
+        return None, mm(hidden, "down_proj")
+
+    _, out = jax.lax.scan(one, None, (rows, experts.reshape(-1)))
+    return jnp.einsum("nkd,nk->nd", out.reshape(n, k, -1), weights.astype(jnp.float32))

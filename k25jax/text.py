@@ -17,7 +17,7 @@ from k25jax.attention import MLA, causal_mask
 from k25jax.cache import LatentCache
 from k25jax.config import TextConfig
 from k25jax.layers import MLP, RMSNorm, param
-from k25jax.moe import MoE
+from k25jax.moe import Experts, MoE
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
 
 
@@ -94,13 +94,21 @@ def scan_layers(
         h, _ = jax.lax.scan(body, h, state)
         return h
 
-    count = int(jax.tree.leaves(state)[0].shape[0])
+    # Routed-expert weights stay whole ([L, E, ...]) instead of being sliced per layer by the scan: a slice is a
+    # copy of every expert of the layer, while a decode step reads only the few experts its tokens chose
+    # (moe.Experts indexes [layer, expert] itself).
+    graphdef, whole, sliced = nnx.split(stack, nnx.PathContains("experts"), ...)
+    count = int(jax.tree.leaves(sliced)[0].shape[0])
 
     def cached_body(carry, xs):
         layer_state, index = xs
-        return step(nnx.merge(graphdef, layer_state), *carry, index), None
+        layer = nnx.merge(graphdef, whole, layer_state)
+        for _, module in nnx.iter_modules(layer):
+            if isinstance(module, Experts):
+                module.layer_index = index
+        return step(layer, *carry, index), None
 
-    (h, cache), _ = jax.lax.scan(cached_body, (h, cache), (state, jnp.arange(count)))
+    (h, cache), _ = jax.lax.scan(cached_body, (h, cache), (sliced, jnp.arange(count)))
     return h, cache
 
 

@@ -162,3 +162,19 @@ def test_chunked_prefill_matches_one_pass(model):
     one_pass = generate(model, prompts, inputs_embeds=own, **kw)
     assert generate(model, prompts, prefill_chunk=16, inputs_embeds=own, **kw) == one_pass
     assert one_pass != generate(model, prompts, **kw)  # the embeddings were used
+
+
+def test_per_pair_experts_match_grouped_dispatch(model):
+    """Decode's per-pair path (few token-expert pairs) computes what the sorted grouped matmul computes."""
+    from flax import nnx
+
+    from k25jax.moe import dispatch_combine, per_pair_experts, per_pair_pays, route
+
+    graphdef, state = nnx.split(model.text.moe_layers)
+    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[1], state))
+    x = jax.random.normal(jax.random.key(0), (5, model.cfg.text.hidden_size))
+    weights, experts = route(x, layer.mlp.router[...], layer.mlp.correction_bias[...], model.cfg.text)
+    grouped = dispatch_combine(x, weights, experts, layer.mlp.experts, model.cfg.text.n_routed_experts)
+    assert _rel(per_pair_experts(x, weights, experts, layer.mlp.experts), grouped) <= 1e-6
+    # At most one pass over the experts: K2.5 (384 experts, top-8) decodes batches of up to 48 this way.
+    assert per_pair_pays(48 * 8, k25().text) and not per_pair_pays(49 * 8, k25().text)
