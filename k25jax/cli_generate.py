@@ -83,7 +83,14 @@ def load_model_and_tokenizer(model: str, dtype: str | None):
         raise SystemExit(
             f"k25jax: {model}: no tiktoken.model (a release directory has the tokenizer beside config.json)"
         )
-    return load_model(model, compute_dtype=compute), Tokenizer.from_pretrained(model)
+    tokenizer = Tokenizer.from_pretrained(model)
+    loaded = load_model(model, compute_dtype=compute)
+    if tokenizer.vocab_size != loaded.cfg.text.vocab_size:
+        raise SystemExit(
+            f"k25jax: {model}: tiktoken.model gives a vocabulary of {tokenizer.vocab_size} ids but config.json's "
+            f"text_config.vocab_size is {loaded.cfg.text.vocab_size}"
+        )
+    return loaded, tokenizer
 
 
 def _check_unsupported(args: argparse.Namespace) -> None:
