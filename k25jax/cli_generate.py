@@ -72,7 +72,7 @@ def load_model_and_tokenizer(model: str, dtype: str | None):
     """``tiny`` (the embedded random model and tiny tokenizer) or a release directory."""
     import jax.numpy as jnp
 
-    from k25jax import build_model, load_model, preset
+    from k25jax import build_model, from_release_config, load_model, preset
     from k25jax.tokenizer import Tokenizer
 
     dtype = dtype or ("float32" if model == "tiny" else "bfloat16")
@@ -84,13 +84,13 @@ def load_model_and_tokenizer(model: str, dtype: str | None):
             f"k25jax: {model}: no tiktoken.model (a release directory has the tokenizer beside config.json)"
         )
     tokenizer = Tokenizer.from_pretrained(model)
-    loaded = load_model(model, compute_dtype=compute)
-    if tokenizer.vocab_size != loaded.cfg.text.vocab_size:
+    vocab = from_release_config(model).text.vocab_size  # checked before the (long) weight load
+    if tokenizer.vocab_size != vocab:
         raise SystemExit(
             f"k25jax: {model}: tiktoken.model gives a vocabulary of {tokenizer.vocab_size} ids but config.json's "
-            f"text_config.vocab_size is {loaded.cfg.text.vocab_size}"
+            f"text_config.vocab_size is {vocab}"
         )
-    return loaded, tokenizer
+    return load_model(model, compute_dtype=compute), tokenizer
 
 
 def _check_unsupported(args: argparse.Namespace) -> None:

@@ -80,6 +80,30 @@ def test_release_dir_without_tokenizer_is_named(tmp_path):
         cli_generate.load_model_and_tokenizer(str(tmp_path), None)
 
 
+def test_generate_from_a_release_directory(tmp_path, capsys):
+    """A release directory (weights + tiktoken.model): the command loads both and streams the reply."""
+    import dataclasses
+    import shutil
+
+    from k25jax.tokenizer import write_tiktoken_ranks
+
+    import oracle
+
+    full = preset("tiny")
+    hf = oracle.make_hf_kimi_model(full, seed=3)
+    text_only = dataclasses.replace(full, vision=None)
+    path = oracle.write_release(oracle.text_param_tree(hf, full), text_only, tmp_path / "release", num_shards=1)
+    shutil.copy(os.path.join(ROOT, "k25jax", "assets", "tiny_tiktoken.model"), os.path.join(path, "tiktoken.model"))
+    argv = ["generate", "--model", path, "--prompt", "Hi", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(argv + ["--dtype", "float32", "--no-thinking"]) == 0
+    model, tok = cli_generate.load_model_and_tokenizer(path, "float32")
+    expected, _ = expected_output(model, tok, [{"role": "user", "content": "Hi"}], False, 8)
+    assert capsys.readouterr().out == expected
+    write_tiktoken_ranks({bytes([i]): i for i in range(256)}, os.path.join(path, "tiktoken.model"))
+    with pytest.raises(SystemExit, match="vocabulary of 512 ids but config.json's text_config.vocab_size is 1280"):
+        cli_generate.load_model_and_tokenizer(path, "float32")
+
+
 def test_chat_reads_piped_stdin():
     """The real command, stdin piped: two turns, each reply under its own header."""
     proc = subprocess.run(
