@@ -65,6 +65,8 @@ class ReplyPrinter:
         if reply.tool_calls:
             lines = [f"{c['function']['name']} {c['function']['arguments']}  [{c['id']}]" for c in reply.tool_calls]
             self._write("--- tool calls ---\n" + "\n".join(lines) + "\n")
+        if reply.errors:  # malformed output (e.g. an unclosed tool-call section hid text): say so, apart
+            print(f"(reply parsed with problems: {'; '.join(reply.errors)})", file=sys.stderr, flush=True)
         return reply
 
 
