@@ -79,8 +79,8 @@ def scan_layers(
 
     Without ``cache``: ``step(layer, h) -> h``; returns ``h``. With ``cache`` (this stack's latent cache
     ``[L, B, S, C + R]``): ``step(layer, h, cache, index) -> (h, cache)``; returns ``(h, cache)``. The whole cache
-    rides in the scan carry and each layer updates only its new slots in place, so a decode step never copies
-    the cache.
+    rides in the scan carry and each layer writes only its new slots in place (the cache is never rebuilt as a
+    scan output, which would copy all of it every step).
     """
     graphdef, state = nnx.split(stack)
 
