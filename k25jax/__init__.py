@@ -1,20 +1,27 @@
 """k25jax: Kimi K2.5 / K2.6 in JAX and Flax NNX."""
 
+from k25jax.cache import LatentCache
 from k25jax.checkpoint import load_model
 from k25jax.config import ConfigError, K25Config, TextConfig, VisionConfig, from_release_config, preset
+from k25jax.generate import generate, stream
 from k25jax.model import K25, abstract_model, build_model, count_params
+from k25jax.tokenizer import Tokenizer
 
 __all__ = [
     "ConfigError",
     "K25",
     "K25Config",
+    "LatentCache",
     "TextConfig",
+    "Tokenizer",
     "VisionConfig",
     "abstract_model",
     "build_model",
     "count_params",
     "from_release_config",
+    "generate",
     "load_model",
     "preset",
+    "stream",
 ]
 __version__ = "0.1.0"

@@ -1,8 +1,14 @@
-"""Multi-head latent attention (MLA), full form for prefill and training.
+"""Multi-head latent attention (MLA): the full form for prefill and training, the absorbed form for decode.
 
 Math: ``shared/docs/k25-architecture.md`` section 2. Weights keep the layout the math wants:
 ``q_b_proj [Q, H, K]``, ``kv_b_proj`` split into ``k_up [C, H, Kn]`` and ``v_up [C, H, Kv]`` (the W_UK / W_UV
 blocks the absorbed decode form uses), ``o_proj [H, Kv, D]``.
+
+The full form expands every key and value per head (``[S, H, Kn + Kv]``); it is the cheaper one when queries
+and keys are the same tokens (prefill: scores cost ``H (Kn + R)`` per query-key pair). The absorbed form never
+expands: queries move into the latent space (``q~ = W_UK^T q_nope``, ``C`` wide), scores and the weighted sum
+run over the cached latents ``[c | k_pe]`` directly, and ``W_UV`` is applied once to the result. It is what
+decode wants: per new token it reads ``C + R`` values per cached token instead of ``H (Kn + Kv)``.
 """
 
 from __future__ import annotations
@@ -80,6 +86,14 @@ class MLA(nnx.Module):
           mask: ``[B, T, S]`` boolean, True where query t may attend key s (S == T here).
         Returns: ``[B, T, D]`` in the compute dtype.
         """
+        return self.full(x, cos, sin, mask)[0]
+
+    def full(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Full-form MLA that also returns the latents it computed.
+
+        Returns: the attention output ``[B, T, D]`` and ``[normed c_kv | roped k_pe]`` ``[B, T, C + R]`` (the
+        latent-cache entries of these tokens, so a prefill can fill the cache from the same pass).
+        """
         dt = self.dtype
         x = x.astype(dt)
         q_nope, q_pe = self.queries(x, cos, sin)
@@ -91,6 +105,29 @@ class MLA(nnx.Module):
         scores = jnp.where(mask[:, None, :, :], scores * self.cfg.attention_scale, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         o = jnp.einsum("bhts,bshk->bthk", probs, v)
+        return self.out(o), jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)
+
+    # -- absorbed form ---------------------------------------------------------------------------------
+    def absorbed(self, q_nope: jax.Array, q_pe: jax.Array, cached: jax.Array, mask: jax.Array) -> jax.Array:
+        """Absorbed-form MLA over cached latents (architecture doc section 2, "Absorbed MLA").
+
+        Args:
+          q_nope: ``[B, T, H, Kn]`` and q_pe: ``[B, T, H, R]`` (roped) from :meth:`queries`.
+          cached: ``[B, S, C + R]`` latent cache of this layer, ``[normed c_kv | roped k_pe]`` per slot.
+          mask: ``[B, T, S]`` boolean, True where query t may attend cache slot s.
+        Returns: ``[B, T, D]`` in the compute dtype.
+        """
+        dt, C = self.dtype, self.cfg.kv_lora_rank
+        cached = cached.astype(dt)
+        c, k_pe = cached[..., :C], cached[..., C:]
+        # q~ = W_UK^T q_nope: the query in the C-wide latent space, so no key is ever expanded.
+        q_latent = jnp.einsum("bthk,chk->bthc", q_nope, self.k_up[...].astype(dt))
+        scores = jnp.einsum("bthc,bsc->bhts", q_latent, c, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, :, :], scores * self.cfg.attention_scale, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        u = jnp.einsum("bhts,bsc->bthc", probs, c)  # the attended latent per head
+        o = jnp.einsum("bthc,chk->bthk", u, self.v_up[...].astype(dt))  # o_h = W_UV u
         return self.out(o)
 
 

@@ -48,7 +48,13 @@ def register_forward(sub) -> None:
     p.set_defaults(func=cmd_forward)
 
 
-REGISTRARS = [register_forward]
+def _generate_registrars():
+    from k25jax.cli_generate import register_chat, register_generate
+
+    return [register_generate, register_chat]
+
+
+REGISTRARS = [register_forward, *_generate_registrars()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,9 +89,14 @@ class Experts(nnx.Module):
     :class:`~k25jax.model.K25`), after which the weights are :class:`~k25jax.quant.Int4Weight` and stay packed.
     ``kernels`` (``"xla"`` | ``"pallas"`` ...) is a run setting chosen on the model
     (:meth:`k25jax.model.K25.set_kernels`), not a config field.
+
+    Inside a layer scan that keeps the expert weights whole (``k25jax.text.scan_layers`` with a cache), the
+    weights are the whole stack ``[L, E, ...]`` and ``layer_index`` says which layer this is; :meth:`weight` and
+    :meth:`expert_weight` hide the difference.
     """
 
     WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+    layer_index: jax.Array | None = None  # set only on a layer merged from whole (layer-stacked) weights
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -115,17 +120,24 @@ class Experts(nnx.Module):
                 axes = weight.get_metadata()["out_sharding"]
                 setattr(self, name, Int4Weight.from_float(weight[...], axes, what=f"Experts.{name}"))
 
+    def weight(self, name: str) -> ExpertWeight:
+        """All experts of one projection, ``[E, in, out]``: a plain array or an :class:`Int4Array` (still packed)."""
+        w = getattr(self, name)[...]
+        if self.layer_index is not None:
+            w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.layer_index, 0, keepdims=False), w)
+        return w
+
+    def expert_weight(self, name: str, expert: jax.Array) -> jax.Array:
+        """One expert's projection ``[in, out]`` in the compute dtype (only that expert is read)."""
+        w = getattr(self, name)[...]
+        index = (expert,) if self.layer_index is None else (self.layer_index, expert)
+        w = w[index]
+        return (w.dequantize(self.dtype) if isinstance(w, Int4Array) else w).astype(self.dtype)
+
     def __call__(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """``x_sorted [M, D]`` rows grouped by expert (``group_sizes [E]``) -> ``[M, D]`` float32."""
-        return expert_swiglu(
-            x_sorted,
-            group_sizes,
-            self.gate_proj[...],
-            self.up_proj[...],
-            self.down_proj[...],
-            dtype=self.dtype,
-            kernels=self.kernels,
-        )
+        gate, up, down = (self.weight(n) for n in self.WEIGHTS)
+        return expert_swiglu(x_sorted, group_sizes, gate, up, down, dtype=self.dtype, kernels=self.kernels)
 
 
 class MoE(nnx.Module):
@@ -147,7 +159,10 @@ class MoE(nnx.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, experts = route(tokens, self.router[...], self.correction_bias[...], self.cfg)
-        out = dispatch_combine(tokens, weights, experts, self.experts, self.cfg.n_routed_experts)
+        if per_pair_pays(tokens.shape[0] * self.cfg.num_experts_per_tok, self.cfg, self.experts.kernels):
+            out = per_pair_experts(tokens, weights, experts, self.experts)
+        else:
+            out = dispatch_combine(tokens, weights, experts, self.experts, self.cfg.n_routed_experts)
         out = out.astype(self.dtype).reshape(shape)
         if self.shared is not None:
             out = out + self.shared(x)
@@ -169,3 +184,38 @@ def dispatch_combine(
     rows = expert_fn(tokens[token_of_row], group_sizes)
     rows = rows.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((n, tokens.shape[-1]), jnp.float32).at[token_of_row].add(rows)
+
+
+# Few (token, expert) pairs (decode): running the pairs one by one reads only the chosen experts' weights, at most
+# one pass over the experts, where a grouped matmul may touch all of them (XLA's CPU ragged_dot is a masked dense
+# matmul over every expert, plus a transposed copy of the weights). One expert is in flight at a time, so no
+# [pairs, D, F] copy of the weights is ever formed.
+
+
+def per_pair_pays(pairs: int, cfg: TextConfig, kernels: str = "xla") -> bool:
+    """Whether :func:`per_pair_experts` should run ``pairs`` (token, expert) pairs (static).
+
+    Only for the XLA path on CPU (whose ragged_dot is dense) and at most ``E`` pairs; accelerators and the Pallas
+    grouped kernel skip empty experts by themselves, and a serial scan of tiny matmuls would waste them.
+    """
+    return kernels == "xla" and jax.default_backend() == "cpu" and pairs <= cfg.n_routed_experts
+
+
+def per_pair_experts(tokens: jax.Array, weights: jax.Array, experts: jax.Array, routed: Experts) -> jax.Array:
+    """``sum_k w_k E_k(x)`` one (token, expert) pair at a time (a scan): ``tokens [N, D]``, ``weights``/``experts
+    [N, k]`` -> ``[N, D]`` float32. Same per-row math as :func:`dispatch_combine` (float32 accumulation)."""
+    dt = routed.dtype
+    n, k = experts.shape
+    rows = jnp.repeat(tokens.astype(dt), k, axis=0)  # [N*k, D]
+
+    def one(_, pair):
+        x, e = pair
+
+        def mm(a, name):
+            return jnp.dot(a, routed.expert_weight(name, e), preferred_element_type=jnp.float32)
+
+        hidden = (jax.nn.silu(mm(x, "gate_proj")) * mm(x, "up_proj")).astype(dt)
+        return None, mm(hidden, "down_proj")
+
+    _, out = jax.lax.scan(one, None, (rows, experts.reshape(-1)))
+    return jnp.einsum("nkd,nk->nd", out.reshape(n, k, -1), weights.astype(jnp.float32))

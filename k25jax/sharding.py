@@ -51,7 +51,12 @@ ACTIVATION_AXES = {
     "act_vocab": "logits vocabulary",
     "tokens": "flattened tokens (B*T, or B*T*k after routing)",
     "patches": "packed vision patches P of all media items",
+    "kv_latent": "latent KV cache width C + R ([normed c_kv | roped k_pe] per cached token)",
 }
+
+# Logical axes of the latent KV cache ``[L, B, S, C + R]`` (k25jax/cache.py), stacked per layer stack like
+# the parameters.
+CACHE_AXES = ("layers", "batch", "kv_seq", "kv_latent")
 
 LOGICAL_AXES = {**PARAM_AXES, **ACTIVATION_AXES}
 
@@ -107,6 +112,7 @@ INFERENCE_RULES: dict[str, MeshAxes] = {
     "act_vocab": "tensor",
     "tokens": ("data", "fsdp"),
     "patches": None,
+    "kv_latent": None,
 }
 
 # Training: as inference, plus FSDP: the model width of every weight is split over "fsdp" (gathered at use).

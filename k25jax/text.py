@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from k25jax import cache as kv_cache
 from k25jax.attention import MLA, causal_mask
+from k25jax.cache import LatentCache
 from k25jax.config import TextConfig
 from k25jax.layers import MLP, RMSNorm, param
-from k25jax.moe import MoE
+from k25jax.moe import Experts, MoE
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
 
 
@@ -35,6 +37,29 @@ class DecoderLayer(nnx.Module):
         h = h + self.attn(self.input_norm(h), cos, sin, mask).astype(h.dtype)
         return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype)
 
+    def prefill(self, h, cos, sin, mask, stack_cache, index, starts) -> tuple[jax.Array, jax.Array]:
+        """Full-form layer that also writes its tokens' latents into slots ``starts[b] + t`` of layer ``index``.
+
+        ``stack_cache [L, B, S, C + R]`` is the cache of this layer's stack; returns ``(h, stack_cache)``.
+        """
+        attn_out, latents = self.attn.full(self.input_norm(h), cos, sin, mask)
+        stack_cache = kv_cache.write(stack_cache, index, starts, latents)
+        h = h + attn_out.astype(h.dtype)
+        return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), stack_cache
+
+    def extend(self, h, cos, sin, mask, stack_cache, index, starts) -> tuple[jax.Array, jax.Array]:
+        """Absorbed-form layer over the cache: write the new tokens' latents, then attend over all slots.
+
+        ``h [B, T, D]`` are new tokens at positions ``starts[b] + t``; ``mask [B, T, S]`` over cache slots.
+        """
+        x = self.input_norm(h).astype(self.attn.dtype)
+        q_nope, q_pe = self.attn.queries(x, cos, sin)
+        c_kv, k_pe = self.attn.latents(x, cos, sin)
+        stack_cache = kv_cache.write(stack_cache, index, starts, jnp.concatenate([c_kv, k_pe], axis=-1))
+        attn_out = self.attn.absorbed(q_nope, q_pe, stack_cache[index], mask)
+        h = h + attn_out.astype(h.dtype)
+        return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), stack_cache
+
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
     """``count`` copies of ``make``'s module with parameters stacked on a leading ``"layers"`` axis."""
@@ -47,17 +72,44 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
     return build(keys)
 
 
-def scan_layers(stack: nnx.Module, h: jax.Array, step: Callable, *, remat: bool = False) -> jax.Array:
-    """Run ``step(layer, h) -> h`` over the stacked layers of ``stack`` with ``jax.lax.scan``."""
+def scan_layers(
+    stack: nnx.Module, h: jax.Array, step: Callable, *, remat: bool = False, cache: jax.Array | None = None
+):
+    """Run the stacked layers of ``stack`` over ``h`` with ``jax.lax.scan``.
+
+    Without ``cache``: ``step(layer, h) -> h``; returns ``h``. With ``cache`` (this stack's latent cache
+    ``[L, B, S, C + R]``): ``step(layer, h, cache, index) -> (h, cache)``; returns ``(h, cache)``. The whole cache
+    rides in the scan carry and each layer writes only its new slots in place (the cache is never rebuilt as a
+    scan output, which would copy all of it every step).
+    """
     graphdef, state = nnx.split(stack)
 
-    def body(carry, layer_state):
-        return step(nnx.merge(graphdef, layer_state), carry), None
+    if cache is None:
 
-    if remat:
-        body = jax.checkpoint(body)
-    h, _ = jax.lax.scan(body, h, state)
-    return h
+        def body(carry, layer_state):
+            return step(nnx.merge(graphdef, layer_state), carry), None
+
+        if remat:
+            body = jax.checkpoint(body)
+        h, _ = jax.lax.scan(body, h, state)
+        return h
+
+    # Routed-expert weights stay whole ([L, E, ...]) instead of being sliced per layer by the scan: a slice is a
+    # copy of every expert of the layer, while a decode step reads only the few experts its tokens chose
+    # (moe.Experts indexes [layer, expert] itself).
+    graphdef, whole, sliced = nnx.split(stack, nnx.PathContains("experts"), ...)
+    count = int(jax.tree.leaves(sliced)[0].shape[0])
+
+    def cached_body(carry, xs):
+        layer_state, index = xs
+        layer = nnx.merge(graphdef, whole, layer_state)
+        for _, module in nnx.iter_modules(layer):
+            if isinstance(module, Experts):
+                module.layer_index = index
+        return step(layer, *carry, index), None
+
+    (h, cache), _ = jax.lax.scan(cached_body, (h, cache), (sliced, jnp.arange(count)))
+    return h, cache
 
 
 class TextModel(nnx.Module):
@@ -98,6 +150,39 @@ class TextModel(nnx.Module):
             if stack is not None:
                 h = scan_layers(stack, h, step, remat=self.remat)
         return self.norm(h)
+
+    def stacks(self) -> dict[str, nnx.Module]:
+        """The layer stacks in execution order, keyed like :class:`k25jax.cache.LatentCache` stacks."""
+        named = {"dense_layers": self.dense_layers, "moe_layers": self.moe_layers}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def hidden_cached(
+        self, h: jax.Array, starts: jax.Array, new_lengths: jax.Array, cache: LatentCache, absorbed: bool
+    ) -> tuple[jax.Array, LatentCache]:
+        """Run the decoder over new tokens ``h [B, T, D]`` at positions ``starts[b] + t``, filling ``cache``.
+
+        ``absorbed=False`` (prefill): full-form attention among the new tokens only, valid when the cache holds
+        nothing before them (``starts`` all zero). ``absorbed=True`` (decode, continuation): absorbed attention
+        over every cache slot up to each query's position. Returns the final-normed hidden ``[B, T, D]`` and the
+        cache with ``lengths = new_lengths``.
+        """
+        T = h.shape[1]
+        positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        cos, sin = self.rope(positions)
+        if absorbed:
+            mask = kv_cache.slot_mask(positions, cache.max_len)
+        else:
+            # Right padding: a real query never sees a padded key under the causal mask alone.
+            mask = causal_mask(positions, positions)
+        stacks = dict(cache.stacks)
+        for name, stack in self.stacks().items():
+
+            def step(layer: DecoderLayer, carry, stack_cache, index):
+                run = layer.extend if absorbed else layer.prefill
+                return run(carry, cos, sin, mask, stack_cache, index, starts)
+
+            h, stacks[name] = scan_layers(stack, h, step, cache=stacks[name])
+        return self.norm(h), LatentCache(stacks=stacks, lengths=new_lengths.astype(jnp.int32))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final hidden ``[..., D]`` -> float32 logits ``[..., V]``."""

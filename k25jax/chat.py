@@ -1,0 +1,508 @@
+"""The K2.5 chat format: render a message list to text and token ids, parse a generated reply.
+
+Rules and golden strings: ``shared/docs/chat-format.md``. In short: no BOS; each message is a role header
+(``<|im_user|>``, ``<|im_assistant|>`` or ``<|im_system|>`` + label + ``<|im_middle|>``), a body and
+``<|im_end|>``; tools are declared first (TypeScript-style text, compact JSON when a schema cannot be
+expressed); assistant turns carry ``<think>reasoning</think>``, dropped (``<think></think>``) for the history
+up to the last assistant message without tool calls and everywhere when thinking is off; the generation
+prompt opens an assistant turn with ``<think>`` (``<think></think>`` with thinking off).
+
+Media: an image part renders ``<|media_begin|>image<|media_content|><|media_pad|><|media_end|>`` + newline and
+a video part ``<|kimi_k25_video_placeholder|>`` + newline; :func:`encode` expands them with token counts the
+caller supplies (the vision preprocessing computes them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+IM_END = "<|im_end|>"
+THINK, END_THINK = "<think>", "</think>"
+SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+CALL_BEGIN, CALL_ARGS, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+MEDIA_PAD = "<|media_pad|>"
+IMAGE_PLACEHOLDER = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
+VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"
+HEADERS = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}  # every other role: <|im_system|>
+
+
+class ChatFormatError(ValueError):
+    """A message list cannot be rendered; the message names the message index and field at fault."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tool declarations (chat-format.md section 2)
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Inexpressible(Exception):
+    """A schema feature the TypeScript text cannot express: the declaration falls back to JSON."""
+
+
+_UNSUPPORTED = ("oneOf", "allOf", "const", "not", "if", "then", "else", "patternProperties", "prefixItems")
+_CONSTRAINTS = (
+    "exclusiveMaximum",
+    "exclusiveMinimum",
+    "format",
+    "maxItems",
+    "maxLength",
+    "maximum",
+    "minItems",
+    "minLength",
+    "minimum",
+    "multipleOf",
+    "pattern",
+    "uniqueItems",
+)
+
+
+def tool_declaration(tools: Sequence[Mapping]) -> str:
+    """The ``tool_declare`` body: TypeScript-style text, or compact sorted JSON when that cannot be built."""
+    try:
+        return typescript_tools(tools)
+    except _Inexpressible:
+        return json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def typescript_tools(tools: Sequence[Mapping]) -> str:
+    """``namespace functions {...}`` text of the ``type == "function"`` entries; raises ``_Inexpressible``."""
+    functions = [t.get("function") for t in tools if isinstance(t, Mapping) and t.get("type") == "function"]
+    if not functions or not all(isinstance(f, Mapping) and isinstance(f.get("name"), str) for f in functions):
+        raise _Inexpressible("no well-formed function entries")
+    blocks = [_function_block(f) for f in functions]
+    return "# Tools\n\n## functions\nnamespace functions {\n" + "\n".join(blocks) + "\n}\n"
+
+
+def _function_block(fn: Mapping) -> str:
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, Mapping) or params.get("type", "object") != "object":
+        raise _Inexpressible("parameters must be an object schema")
+    lines = []
+    for name, schema in (params.get("$defs") or params.get("definitions") or {}).items():
+        lines += _comment(schema.get("description"), "")
+        lines.append(f"interface {name} {_object(schema, '')}")
+    lines += _comment(fn.get("description"), "")
+    lines.append(f"type {fn['name']} = (_: {_object(params, '')}) => any;")
+    return "\n".join(lines)
+
+
+def _comment(text: Any, indent: str) -> list[str]:
+    if not text:
+        return []
+    return [f"{indent}// {line}" for line in str(text).split("\n")]
+
+
+def _object(schema: Mapping, indent: str) -> str:
+    """``{ fields }`` of an object schema: required fields (sorted), then optional ones (sorted, ``name?``)."""
+    _check(schema)
+    props = schema.get("properties") or {}
+    if not props:
+        return "{}"
+    required = set(schema.get("required") or ())
+    order = sorted(k for k in props if k in required) + sorted(k for k in props if k not in required)
+    inner = indent + "  "
+    fields = []
+    for key in order:
+        prop = props[key]
+        if not isinstance(prop, Mapping):
+            raise _Inexpressible(f"property {key!r} is not a schema")
+        lines = _comment(prop.get("description"), inner)
+        limits = {k: prop[k] for k in _CONSTRAINTS if k in prop}
+        if limits:
+            lines.append(f"{inner}// " + ", ".join(f"{k}: {_literal(v)}" for k, v in sorted(limits.items())))
+        if "default" in prop:
+            lines.append(f"{inner}// Default: {json.dumps(prop['default'], ensure_ascii=False)}")
+        optional = "" if key in required else "?"
+        lines.append(f"{inner}{key}{optional}: {_type(prop, inner)}")
+        fields.append("\n".join(lines))
+    return "{\n" + ",\n".join(fields) + f"\n{indent}}}"
+
+
+def _type(schema: Mapping, indent: str) -> str:
+    _check(schema)
+    if "enum" in schema:
+        return " | ".join(json.dumps(v, ensure_ascii=False) for v in schema["enum"])
+    if "anyOf" in schema:
+        return " | ".join(_type(s, indent) for s in schema["anyOf"])
+    if "$ref" in schema:
+        return str(schema["$ref"]).rsplit("/", 1)[-1]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " | ".join(_type({**schema, "type": k}, indent) for k in kind)
+    if kind == "string":
+        return "string"
+    if kind in ("number", "integer"):
+        return "number"
+    if kind == "boolean":
+        return "boolean"
+    if kind == "null":
+        return "null"
+    if kind == "array":
+        items = schema.get("items")
+        return f"Array<{_type(items, indent) if isinstance(items, Mapping) else 'any'}>"
+    if kind == "object":
+        return _object(schema, indent) if schema.get("properties") else "object"
+    if kind is None:
+        return "any"
+    raise _Inexpressible(f"unknown type {kind!r}")
+
+
+def _check(schema: Mapping) -> None:
+    if not isinstance(schema, Mapping):
+        raise _Inexpressible("schema is not an object")
+    if any(k in schema for k in _UNSUPPORTED) or isinstance(schema.get("additionalProperties"), Mapping):
+        raise _Inexpressible("schema uses a feature TypeScript text does not express")
+
+
+def _literal(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rendering (chat-format.md section 1)
+# --------------------------------------------------------------------------------------------------------
+
+
+def render(
+    messages: Sequence[Mapping],
+    *,
+    tools: Sequence[Mapping] | None = None,
+    thinking: bool = True,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The prompt text of ``messages`` (special tokens by name), as the K2.5 chat template renders it.
+
+    A ``reasoning_content`` of None renders as the text ``None`` (as the template does); an absent one as
+    nothing.
+    """
+    _validate(messages)
+    out = []
+    if tools:
+        out.append(f"<|im_system|>tool_declare<|im_middle|>{tool_declaration(tools)}{IM_END}")
+    history_end = max((i for i, m in enumerate(messages) if _is_final_answer(m)), default=-1)
+    for i, m in enumerate(messages):
+        role = m["role"]
+        label = m.get("name") or role
+        header = f"{HEADERS.get(role, '<|im_system|>')}{label}<|im_middle|>"
+        if role == "assistant":
+            if i <= history_end or not thinking:
+                body = THINK + END_THINK
+            else:
+                body = THINK + _reasoning_text(m) + END_THINK
+            body += _body(m.get("content"), i) + _tool_calls_text(m.get("tool_calls"), i)
+        elif role == "tool":
+            body = f"## Return of {m.get('tool_call_id', '')}\n" + _body(m.get("content"), i)
+        else:
+            body = _body(m.get("content"), i)
+        out.append(header + body + IM_END)
+    if add_generation_prompt:
+        out.append("<|im_assistant|>assistant<|im_middle|>" + (THINK if thinking else THINK + END_THINK))
+    return "".join(out)
+
+
+def _is_final_answer(m: Mapping) -> bool:
+    return m.get("role") == "assistant" and not m.get("tool_calls")
+
+
+def _reasoning_text(m: Mapping) -> str:
+    return str(m["reasoning_content"]) if "reasoning_content" in m else ""
+
+
+def _validate(messages: Sequence[Mapping]) -> None:
+    if isinstance(messages, Mapping | str):
+        raise ChatFormatError("messages must be a list of message objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatFormatError(f"messages[{i}] must be an object, got {type(m).__name__}")
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise ChatFormatError(f"messages[{i}].role is required (system, user, assistant or tool)")
+
+
+def _body(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, Sequence):
+        raise ChatFormatError(f"messages[{index}].content must be a string, null or a list of parts")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            parts.append(str(part.get("text", "")))
+        elif kind in ("image", "image_url"):
+            parts.append(IMAGE_PLACEHOLDER + "\n")
+        elif kind in ("video", "video_url"):
+            parts.append(VIDEO_PLACEHOLDER + "\n")
+        else:
+            raise ChatFormatError(
+                f"messages[{index}].content[{j}].type must be text, image, image_url, video or video_url, got {kind!r}"
+            )
+    return "".join(parts)
+
+
+def _tool_calls_text(calls: Any, index: int) -> str:
+    if not calls:
+        return ""
+    out = [SECTION_BEGIN]
+    for k, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            raise ChatFormatError(f"messages[{index}].tool_calls[{k}] must be an object")
+        fn = call.get("function", call)
+        name = fn.get("name")
+        if not isinstance(name, str):
+            raise ChatFormatError(f"messages[{index}].tool_calls[{k}].function.name is required")
+        call_id = call.get("id") or f"functions.{name}:{k}"  # the release convention when a client omits it
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        out.append(f"{CALL_BEGIN}{call_id}{CALL_ARGS}{args}{CALL_END}")
+    out.append(SECTION_END)
+    return "".join(out)
+
+
+def builtin_template() -> str:
+    """k25jax's own Jinja template of the format (``assets/chat_template.jinja``), for :func:`render_template`."""
+    from importlib import resources
+
+    return (resources.files("k25jax") / "assets" / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def render_template(
+    template: str | None,
+    messages: Sequence[Mapping],
+    *,
+    tools: Sequence[Mapping] | None = None,
+    thinking: bool = True,
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render with a Jinja chat template in a sandbox (``trim_blocks``, ``lstrip_blocks``, ``tojson`` without
+    ASCII escaping), as Hugging Face tokenizers do. ``template=None`` uses :func:`builtin_template`. The template
+    gets ``messages``, ``tools``, ``tools_declaration`` (:func:`tool_declaration`), ``thinking`` and
+    ``add_generation_prompt``."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    _validate(messages)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
+    return env.from_string(template if template is not None else builtin_template()).render(
+        messages=list(messages),
+        tools=list(tools) if tools else None,
+        tools_declaration=tool_declaration(tools) if tools else "",
+        thinking=thinking,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token ids with media expanded
+# --------------------------------------------------------------------------------------------------------
+
+# Per media part, in order: an image's placeholder-token count, or a video's chunks as
+# (timestamp seconds or "HH:MM:SS.mmm", placeholder-token count) pairs. A callable gets the part itself.
+MediaTokens = Sequence[int | Sequence[tuple[float | str, int]]] | Callable[[Mapping], Any]
+
+
+def encode(
+    messages: Sequence[Mapping],
+    tokenizer,
+    *,
+    tools: Sequence[Mapping] | None = None,
+    thinking: bool = True,
+    add_generation_prompt: bool = True,
+    media: MediaTokens | None = None,
+) -> list[int]:
+    """Token ids of the rendered prompt with media placeholders expanded.
+
+    Each image's single ``<|media_pad|>`` becomes as many pads as ``media`` gives for it (the vision tower's
+    merged-token count, ``(h/2) * (w/2)``); each video placeholder becomes one
+    ``HH:MM:SS.mmm<|media_begin|>video<|media_content|>{pads}<|media_end|>`` per chunk. Without ``media``, images
+    keep one pad each and videos are an error.
+    """
+    text = render(messages, tools=tools, thinking=thinking, add_generation_prompt=add_generation_prompt)
+    parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
+    media_parts = [p for p in parts if isinstance(p, Mapping) and p.get("type") not in ("text", None)]
+    infos = _media_infos(media_parts, media)
+    pad_counts: list[int] = []
+    pieces = text.split(VIDEO_PLACEHOLDER)
+    expanded = [pieces[0]]
+    videos = iter(info for part, info in zip(media_parts, infos, strict=True) if part["type"].startswith("video"))
+    for piece in pieces[1:]:
+        chunks = next(videos, None)
+        if chunks is None:
+            raise ChatFormatError(f"{VIDEO_PLACEHOLDER} written in message text has no video part to expand")
+        expanded.append(
+            "".join(
+                f"{_timestamp(ts)}<|media_begin|>video<|media_content|>{MEDIA_PAD}<|media_end|>" for ts, _ in chunks
+            )
+        )
+        expanded.append(piece)
+    for part, info in zip(media_parts, infos, strict=True):
+        pad_counts += [int(n) for _, n in info] if part["type"].startswith("video") else [int(info)]
+    ids = tokenizer.encode("".join(expanded))
+    return _expand_pads(ids, tokenizer.token_id(MEDIA_PAD), pad_counts)
+
+
+def _media_infos(parts: list[Mapping], media: MediaTokens | None) -> list[Any]:
+    if media is None:
+        if any(p["type"].startswith("video") for p in parts):
+            raise ChatFormatError("video parts need their chunks (timestamps, token counts): pass media=...")
+        return [1] * len(parts)
+    if callable(media):
+        return [media(p) for p in parts]
+    media = list(media)
+    if len(media) != len(parts):
+        raise ChatFormatError(f"media gives {len(media)} entries for {len(parts)} image/video parts")
+    return media
+
+
+def _expand_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
+    found = ids.count(pad_id)
+    if found != len(counts):
+        raise ChatFormatError(f"the prompt has {found} {MEDIA_PAD} tokens but media gives {len(counts)} counts")
+    out: list[int] = []
+    counts_iter = iter(counts)
+    for t in ids:
+        out.extend([pad_id] * next(counts_iter) if t == pad_id else [t])
+    return out
+
+
+def _timestamp(ts: float | str) -> str:
+    if isinstance(ts, str):
+        return ts
+    ms = round(float(ts) * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsing replies
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Reply:
+    """A parsed assistant reply. ``tool_calls`` entries are OpenAI-shaped:
+    ``{"id", "type": "function", "function": {"name", "arguments"}}`` with ``arguments`` a JSON string.
+    ``errors`` lists what was malformed and how it was recovered (empty for a well-formed reply)."""
+
+    reasoning_content: str = ""
+    content: str = ""
+    tool_calls: list[dict] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def message(self) -> dict:
+        """The reply as an assistant message for the next :func:`render`."""
+        m: dict[str, Any] = {"role": "assistant", "content": self.content, "reasoning_content": self.reasoning_content}
+        if self.tool_calls:
+            m["tool_calls"] = self.tool_calls
+        return m
+
+
+def parse(text: str, *, thinking: bool = True) -> Reply:
+    """Split generated text (decoded with special tokens) into reasoning, content and tool calls.
+
+    ``thinking``: whether the prompt opened a thought (``<think>``); then the text up to ``</think>`` is the
+    reasoning (or up to the tool-call section if ``</think>`` never comes; all of it if neither does). Never
+    raises: malformed output (unclosed sections or calls, invalid JSON arguments) parses to what can be
+    recovered, with ``errors`` saying what was wrong.
+    """
+    reply = Reply()
+    end = min((i for i in (text.find(IM_END), text.find("[EOS]")) if i >= 0), default=-1)
+    if end >= 0:
+        text = text[:end]
+    if text.startswith(THINK):
+        text = text[len(THINK) :]
+    if END_THINK in text:
+        reply.reasoning_content, rest = text.split(END_THINK, 1)
+    elif thinking:
+        cut = text.find(SECTION_BEGIN)
+        cut = len(text) if cut < 0 else cut
+        reply.reasoning_content, rest = text[:cut], text[cut:]
+        reply.errors.append("no </think>: the reasoning was not closed")
+    else:
+        rest = text
+    begin = rest.find(SECTION_BEGIN)
+    if begin < 0:
+        reply.content = rest
+        return reply
+    reply.content = rest[:begin]
+    section = rest[begin + len(SECTION_BEGIN) :]
+    close = section.find(SECTION_END)
+    if close < 0:
+        reply.errors.append("tool-call section not closed")
+    else:
+        reply.content += section[close + len(SECTION_END) :]
+        section = section[:close]
+    for k, chunk in enumerate(section.split(CALL_BEGIN)[1:]):
+        call = _parse_call(chunk, k, reply.errors)
+        if call is not None:
+            reply.tool_calls.append(call)
+    return reply
+
+
+def parse_ids(ids: Sequence[int], tokenizer, *, thinking: bool = True) -> Reply:
+    """:func:`parse` of generated token ids."""
+    return parse(tokenizer.decode(ids), thinking=thinking)
+
+
+def _parse_call(chunk: str, k: int, errors: list[str]) -> dict | None:
+    if CALL_END in chunk:
+        chunk = chunk.split(CALL_END, 1)[0]
+    else:
+        errors.append(f"tool call {k} not closed")
+    call_id, sep, args = chunk.partition(CALL_ARGS)
+    call_id = call_id.strip()
+    if not sep:
+        errors.append(f"tool call {k} has no arguments marker; arguments set to {{}}")
+        args = "{}"
+    name = call_id.split(":")[0].split(".")[-1]
+    if not name:
+        errors.append(f"tool call {k} has no function name; dropped")
+        return None
+    arguments, problem = _arguments(args)
+    if problem:
+        errors.append(f"tool call {k} ({name}): {problem}")
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _arguments(raw: str) -> tuple[str, str | None]:
+    """The arguments JSON text, closing a truncated object when that makes it valid; else the raw text."""
+    text = raw.strip()
+    try:
+        json.loads(text)
+        return text, None
+    except json.JSONDecodeError:
+        pass
+    closed = _close_json(text)
+    try:
+        json.loads(closed)
+        return closed, "arguments JSON was truncated; closed it"
+    except json.JSONDecodeError:
+        return text, "arguments are not valid JSON; kept as text"
+
+
+def _close_json(text: str) -> str:
+    """Append the quotes and brackets a truncated JSON value is missing (drops a dangling comma or colon)."""
+    stack, in_string, escaped = [], False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack:
+            stack.pop()
+    out = text + ('"' if in_string else "")
+    out = out.rstrip()
+    if out.endswith((",", ":")):
+        out = out[:-1]
+    return out + "".join(reversed(stack))

@@ -1,0 +1,208 @@
+"""``k25jax generate`` (one prompt, streamed reply) and ``k25jax chat`` (interactive multi-turn REPL).
+
+The reply streams as it is generated, reasoning apart from the answer::
+
+    --- thinking ---
+    ...reasoning...
+    --- answer ---
+    ...answer...
+    --- tool calls ---
+    name {"arg": 1}  [functions.name:0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+NOT_YET = "is not yet supported in this build"
+
+
+class ReplyPrinter:
+    """Prints a streamed reply: reasoning under ``--- thinking ---``, the answer under ``--- answer ---``; the
+    tool-call section is held back and printed parsed at the end."""
+
+    def __init__(self, tokenizer, thinking: bool, out=None):
+        from k25jax.chat import SECTION_BEGIN, SECTION_END
+        from k25jax.tokenizer import StreamDecoder
+
+        self.tok = tokenizer
+        self.out = out or sys.stdout
+        self.decoder = StreamDecoder(tokenizer)
+        self.end_think = tokenizer.token_id("</think>")
+        self.section_begin = tokenizer.token_id(SECTION_BEGIN)
+        self.section_end = tokenizer.token_id(SECTION_END)
+        self.stops = set(tokenizer.stop_ids)
+        self.in_calls = False
+        self.ids: list[int] = []
+        self._write("--- thinking ---\n" if thinking else "--- answer ---\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        if token in self.stops:
+            return
+        if token == self.end_think:
+            self._write(self.decoder.flush() + "\n--- answer ---\n")
+        elif token == self.section_begin:
+            self.in_calls = True
+        elif token == self.section_end:
+            self.in_calls = False
+        elif not self.in_calls:
+            self._write(self.decoder.push(token))
+
+    def finish(self, thinking: bool):
+        """Print the parsed tool calls (if any) and return the parsed reply."""
+        from k25jax.chat import parse_ids
+
+        reply = parse_ids(self.ids, self.tok, thinking=thinking)
+        tail = self.decoder.flush()
+        self._write(tail + "\n")
+        if reply.tool_calls:
+            lines = [f"{c['function']['name']} {c['function']['arguments']}  [{c['id']}]" for c in reply.tool_calls]
+            self._write("--- tool calls ---\n" + "\n".join(lines) + "\n")
+        if reply.errors:  # malformed output (e.g. an unclosed tool-call section hid text): say so, apart
+            print(f"(reply parsed with problems: {'; '.join(reply.errors)})", file=sys.stderr, flush=True)
+        return reply
+
+
+def load_model_and_tokenizer(model: str, dtype: str | None):
+    """``tiny`` (the embedded random model and tiny tokenizer) or a release directory."""
+    import jax.numpy as jnp
+
+    from k25jax import build_model, from_release_config, load_model, preset
+    from k25jax.tokenizer import Tokenizer
+
+    dtype = dtype or ("float32" if model == "tiny" else "bfloat16")
+    compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
+    if model == "tiny":
+        return build_model(preset("tiny"), dtype=compute), Tokenizer.tiny()
+    if not os.path.exists(os.path.join(model, "tiktoken.model")):
+        raise SystemExit(
+            f"k25jax: {model}: no tiktoken.model (a release directory has the tokenizer beside config.json)"
+        )
+    tokenizer = Tokenizer.from_pretrained(model)
+    vocab = from_release_config(model).text.vocab_size  # checked before the (long) weight load
+    if tokenizer.vocab_size != vocab:
+        raise SystemExit(
+            f"k25jax: {model}: tiktoken.model gives a vocabulary of {tokenizer.vocab_size} ids but config.json's "
+            f"text_config.vocab_size is {vocab}"
+        )
+    return load_model(model, compute_dtype=compute), tokenizer
+
+
+def _check_unsupported(args: argparse.Namespace) -> None:
+    if getattr(args, "image", None):
+        raise SystemExit(f"k25jax {args.command}: --image {NOT_YET}: the vision tower has not been merged yet")
+    if getattr(args, "mesh", None):
+        raise SystemExit(f"k25jax {args.command}: --mesh {NOT_YET}: sharded inference has not been merged yet")
+
+
+def _sampling(args: argparse.Namespace):
+    from k25jax.generate import sampling_defaults
+
+    base = sampling_defaults(thinking=not args.no_thinking)
+    temperature = base.temperature if args.temperature is None else args.temperature
+    top_p = base.top_p if args.top_p is None else args.top_p
+    return dict(temperature=temperature, top_p=top_p, top_k=args.top_k)
+
+
+def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, seed: int, out=None):
+    """Render ``messages``, stream the model's reply through a :class:`ReplyPrinter`, return the parsed reply."""
+    from k25jax.chat import encode
+    from k25jax.generate import stream
+
+    thinking = not args.no_thinking
+    ids = encode(messages, tokenizer, thinking=thinking)
+    printer = ReplyPrinter(tokenizer, thinking, out)
+    for step in stream(
+        model,
+        [ids],
+        max_new_tokens=args.max_new_tokens,
+        seed=seed,
+        stop_token_ids=tokenizer.stop_ids,
+        max_context=args.max_context,
+        **_sampling(args),
+    ):
+        if step[0] is not None:
+            printer.push(step[0])
+    return printer.finish(thinking)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate a reply to one prompt and stream it."""
+    _check_unsupported(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    reply_to(model, tokenizer, messages, args, args.seed)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn chat on stdin/stdout. ``/reset`` clears the history, ``/exit`` (or end of input) quits."""
+    _check_unsupported(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    system = list(history)
+    turn = 0
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            history = list(system)
+            print("(history cleared)", flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        print(f"=== turn {turn + 1} ===", flush=True)
+        try:
+            reply = reply_to(model, tokenizer, history, args, args.seed + turn)
+        except ValueError as e:  # e.g. the conversation outgrew --max-context
+            history.pop()
+            print(f"k25jax chat: {e}", file=sys.stderr, flush=True)
+            continue
+        history.append(reply.message())
+        turn += 1
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="release directory, or 'tiny' (embedded random model + tokenizer)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--no-thinking", action="store_true", help="instant mode: no reasoning before the answer")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="default: 1.0 thinking, 0.6 instant; 0 greedy")
+    p.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's 256K)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: float32 tiny, else bf16")
+    p.add_argument("--mesh", default=None, help=f"device mesh for sharded inference ({NOT_YET})")
+
+
+def register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate a reply to one prompt, streamed (reasoning shown apart)")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--image", action="append", default=[], help=f"image file to include ({NOT_YET})")
+    _common(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def register_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/reset, /exit)")
+    _common(p)
+    p.set_defaults(func=cmd_chat)

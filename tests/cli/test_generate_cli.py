@@ -1,0 +1,121 @@
+"""``k25jax generate`` and ``k25jax chat`` on the embedded tiny model: output equals the library's reply."""
+
+import io
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from k25jax import build_model, cli_generate, preset
+from k25jax.chat import encode, parse_ids
+from k25jax.cli import main
+from k25jax.generate import generate
+from k25jax.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    # The same model `--model tiny` builds (seed 0, float32), built once for the module.
+    return build_model(preset("tiny"), dtype=jnp.float32), Tokenizer.tiny()
+
+
+@pytest.fixture
+def cli_tiny(monkeypatch, tiny_pair):
+    monkeypatch.setattr(cli_generate, "load_model_and_tokenizer", lambda model, dtype: tiny_pair)
+    return tiny_pair
+
+
+def expected_output(model, tok, messages, thinking, new_tokens):
+    ids = encode(messages, tok, thinking=thinking)
+    out = generate(model, [ids], max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=tok.stop_ids)[0]
+    reply = parse_ids(out, tok, thinking=thinking)
+    text = "--- thinking ---\n" + reply.reasoning_content if thinking else "--- answer ---\n"
+    if not thinking or tok.token_id("</think>") in out:
+        text += ("\n--- answer ---\n" if thinking else "") + reply.content
+    text += "\n"
+    if reply.tool_calls:
+        text += "--- tool calls ---\n" + "".join(
+            f"{c['function']['name']} {c['function']['arguments']}  [{c['id']}]\n" for c in reply.tool_calls
+        )
+    return text, reply
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_generate_streams_the_reply(cli_tiny, capsys, thinking):
+    model, tok = cli_tiny
+    argv = ["generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(argv + ([] if thinking else ["--no-thinking"])) == 0
+    expected, reply = expected_output(model, tok, [{"role": "user", "content": "Hello"}], thinking, 12)
+    assert capsys.readouterr().out == expected
+    assert len(reply.reasoning_content if thinking else reply.content) > 0
+
+
+def test_chat_keeps_history_and_resets(cli_tiny, capsys, monkeypatch):
+    model, tok = cli_tiny
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/reset\nWhat is 2+2?\n\nAnd 3+3?\n"))
+    argv = ["chat", "--model", "tiny", "--max-new-tokens", "10", "--temperature", "0", "--no-thinking"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    first, _ = expected_output(model, tok, [{"role": "user", "content": "Hello there"}], False, 10)
+    history = [{"role": "user", "content": "What is 2+2?"}]
+    second, reply = expected_output(model, tok, history, False, 10)
+    history += [reply.message(), {"role": "user", "content": "And 3+3?"}]
+    third, _ = expected_output(model, tok, history, False, 10)
+    assert out == f"=== turn 1 ===\n{first}(history cleared)\n=== turn 2 ===\n{second}=== turn 3 ===\n{third}"
+
+
+def test_unsupported_options_say_so(cli_tiny):
+    with pytest.raises(SystemExit, match="--image is not yet supported"):
+        main(["generate", "--model", "tiny", "--prompt", "x", "--image", "a.png"])
+    with pytest.raises(SystemExit, match="--mesh is not yet supported"):
+        main(["chat", "--model", "tiny", "--mesh", "data:8"])
+
+
+def test_release_dir_without_tokenizer_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=f"{tmp_path}: no tiktoken.model"):
+        cli_generate.load_model_and_tokenizer(str(tmp_path), None)
+
+
+def test_generate_from_a_release_directory(tmp_path, capsys):
+    """A release directory (weights + tiktoken.model): the command loads both and streams the reply."""
+    import dataclasses
+    import shutil
+
+    from k25jax.tokenizer import write_tiktoken_ranks
+
+    import oracle
+
+    full = preset("tiny")
+    hf = oracle.make_hf_kimi_model(full, seed=3)
+    text_only = dataclasses.replace(full, vision=None)
+    path = oracle.write_release(oracle.text_param_tree(hf, full), text_only, tmp_path / "release", num_shards=1)
+    shutil.copy(os.path.join(ROOT, "k25jax", "assets", "tiny_tiktoken.model"), os.path.join(path, "tiktoken.model"))
+    argv = ["generate", "--model", path, "--prompt", "Hi", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(argv + ["--dtype", "float32", "--no-thinking"]) == 0
+    model, tok = cli_generate.load_model_and_tokenizer(path, "float32")
+    expected, _ = expected_output(model, tok, [{"role": "user", "content": "Hi"}], False, 8)
+    assert capsys.readouterr().out == expected
+    write_tiktoken_ranks({bytes([i]): i for i in range(256)}, os.path.join(path, "tiktoken.model"))
+    with pytest.raises(SystemExit, match="vocabulary of 512 ids but config.json's text_config.vocab_size is 1280"):
+        cli_generate.load_model_and_tokenizer(path, "float32")
+
+
+def test_chat_reads_piped_stdin():
+    """The real command, stdin piped: two turns, each reply under its own header."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "k25jax.cli", "chat", "--model", "tiny", "--max-new-tokens", "6", "--temperature", "0"],
+        input="Hello\nHow are you?\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "=== turn 1 ===" and lines[1] == "--- thinking ---"
+    assert proc.stdout.count("=== turn") == 2 and "=== turn 2 ===" in lines

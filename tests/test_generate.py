@@ -1,0 +1,180 @@
+"""Latent cache and generation: prefill + absorbed decode against full-sequence logits, batching, sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k25jax import build_model
+from k25jax.cache import LatentCache, values_per_token
+from k25jax.config import k25, tiny
+from k25jax.generate import extend, generate, prefill, sample, stream
+from k25jax.sharding import LOGICAL_AXES
+
+REL = 1e-5  # prefill/decode vs full logits: max |diff| <= REL * max |logits| (float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(tiny(), dtype=jnp.float32, seed=3)
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def test_cache_size_per_token():
+    # K2.5: 61 layers x (512 + 64) values per token, the 256K-token cache sized abstractly (no memory).
+    cfg = k25().text
+    cache = LatentCache.abstract(cfg, batch=1, max_len=262144, dtype=jnp.bfloat16)
+    assert cfg.latent_cache_dim == 576
+    assert cache.stacks["dense_layers"].shape == (1, 1, 262144, 576)
+    assert cache.stacks["moe_layers"].shape == (60, 1, 262144, 576)
+    assert cache.values_per_token() == values_per_token(cfg) == 61 * 576
+    assert cache.bytes_per_token() == 61 * 576 * 2  # 70,272 bytes per token in bf16
+    expanded = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    assert expanded == 20480 and round(expanded / 576, 1) == 35.6
+    assert cache.nbytes() == 61 * 576 * 2 * 262144  # 18.4 GB for one 256K-token sequence
+    # The tiny config: 3 layers x (32 + 8).
+    small = LatentCache.zeros(tiny().text, batch=2, max_len=16, dtype=jnp.float32)
+    assert small.values_per_token() == 3 * 40 and small.bytes_per_token() == 480
+    assert all(a in LOGICAL_AXES for a in LatentCache.axes) and len(LatentCache.axes) == 4
+
+
+def test_prefill_then_decode_matches_full_logits(model):
+    """Right-padded batch: prefill (full form) then one-token absorbed decode steps, teacher-forced."""
+    rng = np.random.default_rng(0)
+    total = 21
+    ids = rng.integers(0, 1000, (2, total))
+    full = np.asarray(model(jnp.asarray(ids)))
+    starts = [5, 9]
+    padded = np.zeros((2, 16), np.int32)
+    for b, s in enumerate(starts):
+        padded[b, :s] = ids[b, :s]
+    cache = LatentCache.zeros(model.cfg.text, 2, 32, jnp.float32)
+    logits, cache = prefill(model, padded, starts, cache)
+    errors = [_rel(np.asarray(logits)[b], full[b, s - 1]) for b, s in enumerate(starts)]
+    # Each row decodes its own next token; the shorter row runs ahead through the longer row's positions.
+    for step in range(total - max(starts)):
+        tokens = np.array([[ids[b, s + step]] for b, s in enumerate(starts)])
+        logits, cache = extend(model, tokens, cache)
+        for b, s in enumerate(starts):
+            errors.append(_rel(np.asarray(logits)[b, 0], full[b, s + step]))
+    assert list(np.asarray(cache.lengths)) == [5 + total - 9, total]
+    assert max(errors) <= REL, max(errors)
+    print(f"max relative error over {len(errors)} steps: {max(errors):.2e}")
+
+
+def test_chunked_extend_matches_full_logits(model):
+    """A multi-token continuation (absorbed form, T > 1) after a prefill equals the full-sequence logits."""
+    ids = np.random.default_rng(1).integers(0, 1000, (1, 19))
+    full = np.asarray(model(jnp.asarray(ids)))
+    cache = LatentCache.zeros(model.cfg.text, 1, 32, jnp.float32)
+    _, cache = prefill(model, ids[:, :6], [6], cache)
+    logits, cache = extend(model, ids[:, 6:13], cache)
+    rel = _rel(logits[0], full[0, 6:13])
+    logits, cache = extend(model, ids[:, 13:], cache)
+    rel = max(rel, _rel(logits[0], full[0, 13:]))
+    assert int(cache.lengths[0]) == 19
+    assert rel <= REL, rel
+
+
+def test_batch_of_different_lengths_matches_alone(model):
+    prompts = [[7, 8, 9], list(range(100, 111)), [400, 3, 77, 12, 900, 41]]
+    together = generate(model, prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=())
+    alone = [generate(model, [p], max_new_tokens=12, temperature=0.0, stop_token_ids=())[0] for p in prompts]
+    assert together == alone
+    assert all(len(t) == 12 for t in together)
+
+
+def test_stop_tokens_end_one_sequence(model):
+    prompts = [[7, 8, 9], list(range(100, 111))]
+    free = generate(model, prompts, max_new_tokens=10, temperature=0.0, stop_token_ids=())
+    stop = free[0][3]
+    first = free[0].index(stop)  # the first time the stop id comes up
+    stopped = generate(model, prompts, max_new_tokens=10, temperature=0.0, stop_token_ids=[stop])
+    assert stopped[0] == free[0][: first + 1]
+    assert stop in free[1] or stopped[1] == free[1]
+    if stop not in free[1]:
+        assert len(stopped[1]) == 10
+
+
+def test_streaming_yields_the_same_tokens(model):
+    prompts = [[7, 8, 9], [5, 6]]
+    steps = list(stream(model, prompts, max_new_tokens=6, temperature=0.7, seed=5, stop_token_ids=()))
+    assert len(steps) == 6 and all(len(s) == 2 for s in steps)
+    assert [[s[b] for s in steps] for b in range(2)] == generate(
+        model, prompts, max_new_tokens=6, temperature=0.7, seed=5, stop_token_ids=()
+    )
+
+
+def test_max_context_limits_total_tokens(model):
+    out = generate(model, [list(range(10))], max_new_tokens=20, temperature=0.0, stop_token_ids=(), max_context=16)
+    assert len(out[0]) == 6  # prompt + new == max_context
+    with pytest.raises(ValueError, match="prompt 1 has 16 tokens"):
+        generate(model, [[1], list(range(16))], max_new_tokens=2, max_context=16)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [[1, 5000]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="a batch"):
+        generate(model, [1, 2, 3], max_new_tokens=2)
+
+
+def test_inputs_embeds_replace_token_embeddings(model):
+    prompts = [[7, 8, 9, 10], [5, 6]]
+    plain = generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_token_ids=())
+    own = [np.asarray(model.text.embed(jnp.asarray([p])))[0] for p in prompts]
+    same = generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_token_ids=(), inputs_embeds=own)
+    assert same == plain
+    changed = [own[0] + 0.5, None]
+    other = generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_token_ids=(), inputs_embeds=changed)
+    assert other[1] == plain[1] and other[0] != plain[0]
+
+
+def test_sampling_filters_and_seeds():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000, jnp.float32))
+    key = jax.random.key(0)
+    greedy = np.asarray(sample(logits, key, 0.0, 1.0, 0))
+    assert (greedy == 0).all()
+    draws = np.asarray(sample(logits, key, 1.0, 1.0, 0))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    assert np.abs(freq - [0.5, 0.3, 0.15, 0.05]).max() < 0.03, freq
+    top2 = np.bincount(np.asarray(sample(logits, key, 1.0, 1.0, 2)), minlength=4) / len(draws)
+    assert top2[2:].sum() == 0 and abs(top2[0] - 0.5 / 0.8) < 0.03, top2
+    # top_p 0.7: the smallest set reaching 0.7 is {0, 1} (0.5 + 0.3).
+    nucleus = np.bincount(np.asarray(sample(logits, key, 1.0, 0.7, 0)), minlength=4) / len(draws)
+    assert nucleus[2:].sum() == 0 and abs(nucleus[0] - 0.625) < 0.03, nucleus
+    assert (np.asarray(sample(logits, key, 1.0, 1e-6, 0)) == 0).all()
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, stop_token_ids=())
+    a = generate(model, [[7, 8, 9]], seed=1, **kw)
+    assert a == generate(model, [[7, 8, 9]], seed=1, **kw)
+    assert a != generate(model, [[7, 8, 9]], seed=2, **kw)
+
+
+def test_chunked_prefill_matches_one_pass(model):
+    """Long prompts prefill in chunks (full form, then absorbed over the cache): same greedy tokens."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 40, 23)]
+    kw = dict(max_new_tokens=8, temperature=0.0, stop_token_ids=())
+    own = [np.asarray(model.text.embed(jnp.asarray([p])))[0] + 0.01 for p in prompts]
+    one_pass = generate(model, prompts, inputs_embeds=own, **kw)
+    assert generate(model, prompts, prefill_chunk=16, inputs_embeds=own, **kw) == one_pass
+    assert one_pass != generate(model, prompts, **kw)  # the embeddings were used
+
+
+def test_per_pair_experts_match_grouped_dispatch(model):
+    """Decode's per-pair path (few token-expert pairs) computes what the sorted grouped matmul computes."""
+    from flax import nnx
+
+    from k25jax.moe import dispatch_combine, per_pair_experts, per_pair_pays, route
+
+    graphdef, state = nnx.split(model.text.moe_layers)
+    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[1], state))
+    x = jax.random.normal(jax.random.key(0), (5, model.cfg.text.hidden_size))
+    weights, experts = route(x, layer.mlp.router[...], layer.mlp.correction_bias[...], model.cfg.text)
+    grouped = dispatch_combine(x, weights, experts, layer.mlp.experts, model.cfg.text.n_routed_experts)
+    assert _rel(per_pair_experts(x, weights, experts, layer.mlp.experts), grouped) <= 1e-6
+    # At most one pass over the experts: K2.5 (384 experts, top-8) decodes batches of up to 48 this way.
+    assert per_pair_pays(48 * 8, k25().text) and not per_pair_pays(49 * 8, k25().text)
