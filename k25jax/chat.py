@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 IM_END = "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
@@ -323,8 +325,7 @@ def encode(
     keep one pad each and videos are an error.
     """
     text = render(messages, tools=tools, thinking=thinking, add_generation_prompt=add_generation_prompt)
-    parts = [p for m in messages if isinstance(m.get("content"), list) for p in m["content"]]
-    media_parts = [p for p in parts if isinstance(p, Mapping) and p.get("type") not in ("text", None)]
+    media_parts = [part for _, part in media_parts_of(messages)]
     infos = _media_infos(media_parts, media)
     pad_counts: list[int] = []
     pieces = text.split(VIDEO_PLACEHOLDER)
@@ -344,6 +345,70 @@ def encode(
         pad_counts += [int(n) for _, n in info] if part["type"].startswith("video") else [int(info)]
     ids = tokenizer.encode("".join(expanded))
     return _expand_pads(ids, tokenizer.token_id(MEDIA_PAD), pad_counts)
+
+
+def media_parts_of(messages: Sequence[Mapping]) -> list[tuple[str, Mapping]]:
+    """The image and video content parts of ``messages`` in prompt order, each with its name for errors
+    (``messages[i].content[j]``)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, str) or not isinstance(content, Sequence):
+            continue
+        for j, part in enumerate(content):
+            if isinstance(part, Mapping) and part.get("type") not in ("text", None):
+                out.append((f"messages[{i}].content[{j}]", part))
+    return out
+
+
+class Prompt(NamedTuple):
+    """A prompt ready for :func:`k25jax.generate`: token ids with media placeholders expanded, and the packed
+    vision inputs of its images and video chunks in placeholder order (``k25jax.media.Media``, None without
+    media)."""
+
+    ids: list[int]
+    media: Any
+
+
+def prepare(
+    messages: Sequence[Mapping],
+    tokenizer,
+    *,
+    tools: Sequence[Mapping] | None = None,
+    thinking: bool = True,
+    add_generation_prompt: bool = True,
+    media_options=None,
+) -> Prompt:
+    """Render, tokenize and preprocess a message list: ``ids, media = prepare(...)``, then
+    ``k25jax.generate(model, [ids], media=[media])``.
+
+    Image parts (``{"type": "image", "image": SOURCE}`` or ``{"type": "image_url", "image_url": {"url": URL}}``)
+    take a file path, encoded bytes, a ``PIL.Image``, a uint8 array, a ``file://`` or base64 ``data:`` URL.
+    Video parts (``{"type": "video", "video": PATH_OR_FRAMES, "timestamps": [...]}``, or ``video_url``) take a
+    video file (needs the ``video`` extra) or a list of frames with their times in seconds. Each image's pad
+    run and each video chunk's timestamped block get the token counts of the actual preprocessed grids.
+    ``media_options`` (``k25jax.media.MediaOptions``) changes the preprocessing; the defaults are the released
+    processor's (16,384 patches per image, 2 fps and 4,096 patches per video frame). Unreadable media raises
+    ``k25jax.vision.MediaError`` naming the part.
+    """
+    from k25jax.media import Media, MediaOptions, load_part
+
+    options = media_options or MediaOptions()
+    _validate(messages)
+    loaded = [load_part(part, what, options) for what, part in media_parts_of(messages)]
+    ids = encode(
+        messages,
+        tokenizer,
+        tools=tools,
+        thinking=thinking,
+        add_generation_prompt=add_generation_prompt,
+        media=[info for _, info in loaded],
+    )
+    if not loaded:
+        return Prompt(ids, None)
+    pixel_values = np.concatenate([m.pixel_values for m, _ in loaded])
+    grid_thw = np.concatenate([np.asarray(m.grid_thw).reshape(-1, 3) for m, _ in loaded])
+    return Prompt(ids, Media(pixel_values, grid_thw))
 
 
 def _media_infos(parts: list[Mapping], media: MediaTokens | None) -> list[Any]:

@@ -96,8 +96,6 @@ def load_model_and_tokenizer(model: str, dtype: str | None):
 
 
 def _check_unsupported(args: argparse.Namespace) -> None:
-    if getattr(args, "image", None):
-        raise SystemExit(f"k25jax {args.command}: --image {NOT_YET}: the vision tower has not been merged yet")
     if getattr(args, "mesh", None):
         raise SystemExit(f"k25jax {args.command}: --mesh {NOT_YET}: sharded inference has not been merged yet")
 
@@ -111,17 +109,36 @@ def _sampling(args: argparse.Namespace):
     return dict(temperature=temperature, top_p=top_p, top_k=args.top_k)
 
 
+def image_parts(paths: list[str], command: str) -> list[dict]:
+    """Chat content parts for image files, each checked now so a bad file fails before any generation."""
+    from k25jax.vision import MediaError, load_image
+
+    for path in paths:
+        try:
+            load_image(path)
+        except MediaError as err:
+            raise SystemExit(f"k25jax {command}: {err}") from None
+    return [{"type": "image", "image": path} for path in paths]
+
+
+def _check_vision(model, command: str) -> None:
+    if getattr(model, "vision", None) is None:
+        raise SystemExit(f"k25jax {command}: this model has no vision tower (its config has no vision_config)")
+
+
 def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, seed: int, out=None):
-    """Render ``messages``, stream the model's reply through a :class:`ReplyPrinter`, return the parsed reply."""
-    from k25jax.chat import encode
+    """Render ``messages`` (images preprocessed), stream the model's reply through a :class:`ReplyPrinter`,
+    return the parsed reply."""
+    from k25jax.chat import prepare
     from k25jax.generate import stream
 
     thinking = not args.no_thinking
-    ids = encode(messages, tokenizer, thinking=thinking)
+    ids, media = prepare(messages, tokenizer, thinking=thinking)
     printer = ReplyPrinter(tokenizer, thinking, out)
     for step in stream(
         model,
         [ids],
+        media=None if media is None else [media],
         max_new_tokens=args.max_new_tokens,
         seed=seed,
         stop_token_ids=tokenizer.stop_ids,
@@ -136,21 +153,27 @@ def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, s
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a reply to one prompt and stream it."""
     _check_unsupported(args)
+    images = image_parts(args.image, "generate")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    if images:
+        _check_vision(model, "generate")
+    content = images + [{"type": "text", "text": args.prompt}] if images else args.prompt
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.prompt}
+        {"role": "user", "content": content}
     ]
     reply_to(model, tokenizer, messages, args, args.seed)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Multi-turn chat on stdin/stdout. ``/reset`` clears the history, ``/exit`` (or end of input) quits."""
+    """Multi-turn chat on stdin/stdout. ``/image PATH`` attaches an image to the next message, ``/reset`` clears
+    the history (and pending images), ``/exit`` (or end of input) quits."""
     _check_unsupported(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     system = list(history)
+    pending: list[dict] = []  # image parts for the next user message
     turn = 0
     while True:
         if interactive:
@@ -164,14 +187,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text.strip() == "/exit":
             break
         if text.strip() == "/reset":
-            history = list(system)
+            history, pending = list(system), []
             print("(history cleared)", flush=True)
             continue
-        history.append({"role": "user", "content": text})
+        if text.startswith("/image"):
+            path = text[len("/image") :].strip()
+            try:
+                _check_vision(model, "chat")
+                pending += image_parts([path], "chat") if path else []
+            except SystemExit as err:
+                print(err, file=sys.stderr, flush=True)
+                continue
+            print(f"(image attached to the next message: {path})" if path else "usage: /image PATH", flush=True)
+            continue
+        history.append({"role": "user", "content": pending + [{"type": "text", "text": text}] if pending else text})
+        pending = []
         print(f"=== turn {turn + 1} ===", flush=True)
         try:
             reply = reply_to(model, tokenizer, history, args, args.seed + turn)
-        except ValueError as e:  # e.g. the conversation outgrew --max-context
+        except ValueError as e:  # e.g. the conversation outgrew --max-context, or an image became unreadable
             history.pop()
             print(f"k25jax chat: {e}", file=sys.stderr, flush=True)
             continue
@@ -197,12 +231,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate a reply to one prompt, streamed (reasoning shown apart)")
     p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--image", action="append", default=[], help=f"image file to include ({NOT_YET})")
+    p.add_argument("--image", action="append", default=[], help="image file to show the model (repeatable)")
     _common(p)
     p.set_defaults(func=cmd_generate)
 
 
 def register_chat(sub) -> None:
-    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/reset, /exit)")
+    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/image PATH, /reset, /exit)")
     _common(p)
     p.set_defaults(func=cmd_chat)

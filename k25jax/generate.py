@@ -246,6 +246,52 @@ def _pad_embeds(inputs_embeds, prompts, T, D):
     return jnp.asarray(embeds), jnp.asarray(mask)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _embed_media(graphdef, state, input_ids, pixel_values, grid):
+    return nnx.merge(graphdef, state).embed_inputs(input_ids, pixel_values, grid)
+
+
+def media_embeds(model, input_ids, media: Sequence) -> jax.Array:
+    """Embeddings ``[B, T, D]`` (compute dtype) of padded prompts ``input_ids [B, T]`` with each prompt's
+    ``<|media_pad|>`` runs replaced by the vision features of its own media.
+
+    ``media``: one entry per prompt, None or anything :func:`k25jax.media.as_media` takes. All items of the
+    batch go through the vision tower in one call (attention stays within each item), compiled once per
+    combination of grids. A prompt whose pad count differs from its media's token count is an error naming
+    the prompt and both numbers.
+    """
+    from k25jax.media import as_media
+    from k25jax.vision.moonvit import as_grid
+
+    input_ids = np.asarray(input_ids)
+    if len(media) != input_ids.shape[0]:
+        raise ValueError(f"generate: {len(media)} media entries for {input_ids.shape[0]} prompts")
+    cfg = getattr(model, "cfg", None)
+    if getattr(model, "vision", None) is None:
+        name = getattr(cfg, "name", type(model).__name__)
+        raise ValueError(f"generate: media given but model {name!r} has no vision tower (no vision_config)")
+    pad = cfg.media_placeholder_token_id
+    items = []
+    for b, entry in enumerate(media):
+        m = as_media(entry, f"generate: media[{b}]")
+        found = int(np.sum(input_ids[b] == pad))
+        want = 0 if m is None else m.num_tokens
+        if found != want:
+            raise ValueError(
+                f"generate: prompt {b} holds {found} <|media_pad|> tokens (id {pad}) but its media give {want} "
+                "vision features; expand each item's placeholder to (h/2)*(w/2) pads (k25jax.chat.prepare or "
+                "k25jax.vision.expand_media_pads)"
+            )
+        if m is not None:
+            items.append(m)
+    graphdef, state = nnx.split(model)
+    if not items:
+        return model.text.embed(jnp.asarray(input_ids, jnp.int32))
+    pixel_values = np.concatenate([m.pixel_values for m in items]).astype(np.float32)
+    grid = as_grid(np.concatenate([m.grid_thw for m in items]), cfg.vision)
+    return _embed_media(graphdef, state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values), grid)
+
+
 def stream(
     model,
     prompts: Sequence[Sequence[int]],
@@ -258,6 +304,7 @@ def stream(
     stop_token_ids: Sequence[int] | None = None,
     max_context: int | None = None,
     inputs_embeds: Sequence | None = None,
+    media: Sequence | None = None,
     cache_dtype=None,
     prefill_chunk: int = 512,
 ) -> Iterator[list[int | None]]:
@@ -284,7 +331,15 @@ def stream(
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = p
     lengths = np.asarray([len(p) for p in prompts], np.int32)
-    embeds, embeds_mask = _pad_embeds(inputs_embeds, prompts, T, cfg.hidden_size)
+    if media is not None and inputs_embeds is not None:
+        raise ValueError("generate: give media or inputs_embeds, not both")
+    if media is not None and len(media) != B:
+        raise ValueError(f"generate: {len(media)} media entries for {B} prompts")
+    if media is not None and any(m is not None for m in media):
+        embeds = media_embeds(model, ids, media)
+        embeds_mask = jnp.ones((B, T), bool)
+    else:
+        embeds, embeds_mask = _pad_embeds(inputs_embeds, prompts, T, cfg.hidden_size)
 
     stops = list(default_stop_ids(model) if stop_token_ids is None else stop_token_ids)
     stop_ids = jnp.asarray(stops + [-1] * (_bucket(len(stops) + 1, 4) - len(stops)), jnp.int32)
@@ -347,6 +402,7 @@ def generate(
     stop_token_ids: Sequence[int] | None = None,
     max_context: int | None = None,
     inputs_embeds: Sequence | None = None,
+    media: Sequence | None = None,
     cache_dtype=None,
     prefill_chunk: int = 512,
 ) -> list[list[int]]:
@@ -364,8 +420,11 @@ def generate(
       max_context: the most tokens (prompt + new) a sequence may hold (default ``max_position_embeddings``,
         256K for K2.5). The cache is allocated for the longest prompt plus ``max_new_tokens`` (rounded up to a
         power of two), never more than this; a sequence that reaches it stops.
-      inputs_embeds: optional per-prompt ``[T_b, D]`` embeddings (or None) replacing the token embeddings,
-        e.g. prompts with media merged by the vision tower.
+      inputs_embeds: optional per-prompt ``[T_b, D]`` embeddings (or None) replacing the token embeddings.
+      media: optional per-prompt images / video chunks (a ``K25`` with a vision tower): None for a text
+        prompt, else ``(pixel_values, grid_thw)`` (``k25jax.media.Media``, e.g. from ``k25jax.chat.prepare``;
+        a ``VideoInput`` or a list of items also do) whose items fill the prompt's ``<|media_pad|>`` runs in
+        order. The vision tower runs once for the whole batch at prefill.
       cache_dtype: latent cache dtype (default: the model's compute dtype).
       prefill_chunk: prompts longer than this (rounded up to a power of two) are prefilled in chunks: the
         first in full form, the rest in absorbed form over the cache, bounding the attention scores to
@@ -384,6 +443,7 @@ def generate(
         stop_token_ids=stop_token_ids,
         max_context=max_context,
         inputs_embeds=inputs_embeds,
+        media=media,
         cache_dtype=cache_dtype,
         prefill_chunk=prefill_chunk,
     ):
