@@ -1,15 +1,17 @@
 """``k25jax generate`` and ``k25jax chat`` on the embedded tiny model: output equals the library's reply."""
 
+import dataclasses
 import io
 import os
 import subprocess
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from k25jax import build_model, cli_generate, preset
-from k25jax.chat import encode, parse_ids
+from k25jax.chat import parse_ids, prepare
 from k25jax.cli import main
 from k25jax.generate import generate
 from k25jax.tokenizer import Tokenizer
@@ -30,8 +32,10 @@ def cli_tiny(monkeypatch, tiny_pair):
 
 
 def expected_output(model, tok, messages, thinking, new_tokens):
-    ids = encode(messages, tok, thinking=thinking)
-    out = generate(model, [ids], max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=tok.stop_ids)[0]
+    ids, media = prepare(messages, tok, thinking=thinking)
+    out = generate(
+        model, [ids], media=[media], max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=tok.stop_ids
+    )[0]
     reply = parse_ids(out, tok, thinking=thinking)
     text = "--- thinking ---\n" + reply.reasoning_content if thinking else "--- answer ---\n"
     if not thinking or tok.token_id("</think>") in out:
@@ -68,9 +72,64 @@ def test_chat_keeps_history_and_resets(cli_tiny, capsys, monkeypatch):
     assert out == f"=== turn 1 ===\n{first}(history cleared)\n=== turn 2 ===\n{second}=== turn 3 ===\n{third}"
 
 
+def _write_image(path, width, height, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_generate_with_images(cli_tiny, capsys, tmp_path):
+    """``--image`` (twice): the images come before the prompt text in one user message."""
+    model, tok = cli_tiny
+    first, second = _write_image(tmp_path / "a.png", 90, 60, 0), _write_image(tmp_path / "b.jpg", 30, 50, 1)
+    argv = ["generate", "--prompt", "Compare them.", "--image", first, "--image", second, "--max-new-tokens", "10"]
+    assert main(argv + ["--temperature", "0", "--no-thinking"]) == 0
+    parts = [{"type": "image", "image": first}, {"type": "image", "image": second}]
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "Compare them."}]}]
+    expected, _ = expected_output(model, tok, messages, False, 10)
+    assert capsys.readouterr().out == expected
+    without, _ = expected_output(model, tok, [{"role": "user", "content": "Compare them."}], False, 10)
+    assert expected != without  # the images reached the model
+
+
+def test_bad_images_are_named(cli_tiny, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(SystemExit, match=f"k25jax generate: {broken}: not a recognised image format"):
+        main(["generate", "--prompt", "x", "--image", str(broken)])
+    with pytest.raises(SystemExit, match="k25jax generate: /no/such.png: no such image file"):
+        main(["generate", "--prompt", "x", "--image", "/no/such.png"])
+
+
+def test_image_needs_a_vision_tower(monkeypatch, tmp_path):
+    text_only = build_model(dataclasses.replace(preset("tiny"), vision=None), dtype=jnp.float32)
+    monkeypatch.setattr(cli_generate, "load_model_and_tokenizer", lambda model, dtype: (text_only, Tokenizer.tiny()))
+    image = _write_image(tmp_path / "a.png", 28, 28, 0)
+    with pytest.raises(SystemExit, match="k25jax generate: this model has no vision tower"):
+        main(["generate", "--prompt", "x", "--image", image])
+
+
+def test_chat_attaches_images_to_the_next_message(cli_tiny, capsys, monkeypatch, tmp_path):
+    model, tok = cli_tiny
+    image = _write_image(tmp_path / "cat.png", 70, 40, 2)
+    script = f"/image {image}\n/image /no/such.png\nWhat is this?\nAnd now?\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(["chat", "--max-new-tokens", "8", "--temperature", "0", "--no-thinking"]) == 0
+    captured = capsys.readouterr()
+    history = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}
+    ]
+    first, reply = expected_output(model, tok, history, False, 8)
+    history += [reply.message(), {"role": "user", "content": "And now?"}]
+    second, _ = expected_output(model, tok, history, False, 8)
+    attached = f"(image attached to the next message: {image})\n"
+    assert captured.out == f"{attached}=== turn 1 ===\n{first}=== turn 2 ===\n{second}"
+    assert "/no/such.png: no such image file" in captured.err
+
+
 def test_unsupported_options_say_so(cli_tiny):
-    with pytest.raises(SystemExit, match="--image is not yet supported"):
-        main(["generate", "--model", "tiny", "--prompt", "x", "--image", "a.png"])
     with pytest.raises(SystemExit, match="--mesh is not yet supported"):
         main(["chat", "--model", "tiny", "--mesh", "data:8"])
 
@@ -82,7 +141,6 @@ def test_release_dir_without_tokenizer_is_named(tmp_path):
 
 def test_generate_from_a_release_directory(tmp_path, capsys):
     """A release directory (weights + tiktoken.model): the command loads both and streams the reply."""
-    import dataclasses
     import shutil
 
     from k25jax.tokenizer import write_tiktoken_ranks
