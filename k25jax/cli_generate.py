@@ -8,6 +8,10 @@ The reply streams as it is generated, reasoning apart from the answer::
     ...answer...
     --- tool calls ---
     name {"arg": 1}  [functions.name:0]
+
+``--image FILE`` (repeatable) puts images before the prompt text; in ``chat``, ``/image PATH`` attaches an image
+to the next message. ``chat`` keeps the conversation's latent cache between turns (``k25jax.session``): each
+turn prefills only what differs from the cached prompt and reply.
 """
 
 from __future__ import annotations
@@ -126,27 +130,23 @@ def _check_vision(model, command: str) -> None:
         raise SystemExit(f"k25jax {command}: this model has no vision tower (its config has no vision_config)")
 
 
-def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, seed: int, out=None):
+def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, seed: int, out=None, session=None):
     """Render ``messages`` (images preprocessed), stream the model's reply through a :class:`ReplyPrinter`,
-    return the parsed reply."""
+    return the parsed reply. With a ``k25jax.session.Session`` the cached conversation prefix is reused."""
     from k25jax.chat import prepare
     from k25jax.generate import stream
 
     thinking = not args.no_thinking
     ids, media = prepare(messages, tokenizer, thinking=thinking)
     printer = ReplyPrinter(tokenizer, thinking, out)
-    for step in stream(
-        model,
-        [ids],
-        media=None if media is None else [media],
-        max_new_tokens=args.max_new_tokens,
-        seed=seed,
-        stop_token_ids=tokenizer.stop_ids,
-        max_context=args.max_context,
-        **_sampling(args),
-    ):
-        if step[0] is not None:
-            printer.push(step[0])
+    kw = dict(max_new_tokens=args.max_new_tokens, seed=seed, stop_token_ids=tokenizer.stop_ids, **_sampling(args))
+    if session is not None:
+        tokens = session.stream(ids, media, **kw)
+    else:
+        steps = stream(model, [ids], media=[media], max_context=args.max_context, **kw)
+        tokens = (step[0] for step in steps if step[0] is not None)
+    for token in tokens:
+        printer.push(token)
     return printer.finish(thinking)
 
 
@@ -168,8 +168,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat on stdin/stdout. ``/image PATH`` attaches an image to the next message, ``/reset`` clears
     the history (and pending images), ``/exit`` (or end of input) quits."""
+    from k25jax.session import Session
+
     _check_unsupported(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    session = Session(model, max_context=args.max_context)  # later turns prefill only what changed
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     system = list(history)
@@ -188,6 +191,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if text.strip() == "/reset":
             history, pending = list(system), []
+            session.reset()
             print("(history cleared)", flush=True)
             continue
         if text.startswith("/image"):
@@ -204,7 +208,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pending = []
         print(f"=== turn {turn + 1} ===", flush=True)
         try:
-            reply = reply_to(model, tokenizer, history, args, args.seed + turn)
+            reply = reply_to(model, tokenizer, history, args, args.seed + turn, session=session)
         except ValueError as e:  # e.g. the conversation outgrew --max-context, or an image became unreadable
             history.pop()
             print(f"k25jax chat: {e}", file=sys.stderr, flush=True)

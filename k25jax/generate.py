@@ -341,53 +341,82 @@ def stream(
     else:
         embeds, embeds_mask = _pad_embeds(inputs_embeds, prompts, T, cfg.hidden_size)
 
-    stops = list(default_stop_ids(model) if stop_token_ids is None else stop_token_ids)
-    stop_ids = jnp.asarray(stops + [-1] * (_bucket(len(stops) + 1, 4) - len(stops)), jnp.int32)
+    stop_ids = _stop_array(model, stop_token_ids)
     sampling = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
-    key = jax.random.key(seed)
     graphdef, state = nnx.split(text)
     cache = LatentCache.zeros(cfg, B, S, cache_dtype or text.dtype)
+    logits, cache = fill(graphdef, state, ids, lengths, cache, embeds, embeds_mask, chunk)
+    yield from decode_steps(graphdef, state, logits, cache, max_new_tokens, jax.random.key(seed), sampling, stop_ids)
 
-    # The first chunk in full form; later chunks (long prompts) in the absorbed form over the cache, so the
-    # score tensor stays [B, H, chunk, S]. A padded slot past S is dropped by the cache write.
-    first = slice(0, min(T, chunk))
-    logits, cache = _prefill(
-        graphdef,
-        state,
-        jnp.asarray(ids[:, first]),
-        jnp.asarray(np.minimum(lengths, chunk)),
-        cache,
-        None if embeds is None else embeds[:, first],
-        None if embeds is None else embeds_mask[:, first],
-    )
-    for start in range(chunk, T, chunk):
+
+def _stop_array(model, stop_token_ids) -> jax.Array:
+    """Stop ids padded with -1 to a bucketed length (few distinct shapes)."""
+    stops = list(default_stop_ids(model) if stop_token_ids is None else stop_token_ids)
+    return jnp.asarray(stops + [-1] * (_bucket(len(stops) + 1, 4) - len(stops)), jnp.int32)
+
+
+def fill(graphdef, state, ids, lengths, cache, embeds, embeds_mask, chunk: int, *, continuing: bool = False):
+    """Run right-padded tokens ``ids [B, T]`` (``T`` a multiple of ``chunk`` or below it) into ``cache``.
+
+    Without ``continuing`` the cache is empty: the first chunk runs in full form (the cheaper one when queries
+    and keys are the same tokens); later chunks, and every chunk when ``continuing`` (tokens appended after
+    ``cache.lengths``), run in the absorbed form over the cache, so the score tensor stays ``[B, H, chunk, S]``.
+    A padded slot past ``S`` is dropped by the cache write. Returns the float32 logits ``[B, V]`` at each
+    row's last valid token and the cache.
+    """
+    T = ids.shape[1]
+    lengths = np.asarray(lengths)
+    logits = None
+    for start in range(0, T, chunk):
         part = slice(start, start + chunk)
         part_lengths = np.clip(lengths - start, 0, chunk)
-        new_logits, cache = _extend(
-            graphdef,
-            state,
-            jnp.asarray(ids[:, part]),
-            jnp.asarray(part_lengths),
-            cache,
-            False,
-            None if embeds is None else embeds[:, part],
-            None if embeds is None else embeds_mask[:, part],
-        )
-        logits = jnp.where(jnp.asarray(part_lengths)[:, None] > 0, new_logits, logits)  # rows that ended earlier
+        part_embeds = None if embeds is None else embeds[:, part]
+        part_mask = None if embeds is None else embeds_mask[:, part]
+        if start == 0 and not continuing:
+            new_logits, cache = _prefill(
+                graphdef, state, jnp.asarray(ids[:, part]), jnp.asarray(part_lengths), cache, part_embeds, part_mask
+            )
+        else:
+            new_logits, cache = _extend(
+                graphdef,
+                state,
+                jnp.asarray(ids[:, part]),
+                jnp.asarray(part_lengths),
+                cache,
+                False,
+                part_embeds,
+                part_mask,
+            )
+        # Rows whose tokens ended in an earlier chunk keep that chunk's logits.
+        logits = new_logits if logits is None else jnp.where(jnp.asarray(part_lengths)[:, None] > 0, new_logits, logits)
+    return logits, cache
+
+
+def decode_steps(graphdef, state, logits, cache, max_new_tokens, key, sampling, stop_ids, on_exit=None):
+    """Sample from ``logits [B, V]``, then decode one token per step; yield each step's tokens (None for a
+    finished sequence). ``on_exit(cache)`` gets the final cache when the generator ends or is closed; its
+    ``lengths`` count the prompt plus the drawn tokens already fed back (a token is fed by the step after the
+    one that drew it, so a finished sequence's last token is not cached)."""
+    S = cache.max_len
+    B = logits.shape[0]
     tokens, done = _sample_first(logits, cache.lengths, S, key, sampling, stop_ids)
     finished = np.zeros(B, bool)
-    for step in range(max_new_tokens):
-        current, current_done = tokens, done
-        if step + 1 < max_new_tokens:
-            # Dispatch the next step before reading this one back, so the host round trip overlaps compute.
-            tokens, done, cache = _decode_and_sample(
-                graphdef, state, current, current_done, cache, key, step + 1, sampling, stop_ids
-            )
-        host_tokens, host_done = np.asarray(current), np.asarray(current_done)
-        yield [None if finished[b] else int(host_tokens[b]) for b in range(B)]
-        finished |= host_done
-        if finished.all():
-            return
+    try:
+        for step in range(max_new_tokens):
+            current, current_done = tokens, done
+            if step + 1 < max_new_tokens:
+                # Dispatch the next step before reading this one back, so the host round trip overlaps compute.
+                tokens, done, cache = _decode_and_sample(
+                    graphdef, state, current, current_done, cache, key, step + 1, sampling, stop_ids
+                )
+            host_tokens, host_done = np.asarray(current), np.asarray(current_done)
+            yield [None if finished[b] else int(host_tokens[b]) for b in range(B)]
+            finished |= host_done
+            if finished.all():
+                return
+    finally:
+        if on_exit is not None:
+            on_exit(cache)
 
 
 def generate(
