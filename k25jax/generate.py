@@ -284,9 +284,9 @@ def media_embeds(model, input_ids, media: Sequence) -> jax.Array:
             )
         if m is not None:
             items.append(m)
-    graphdef, state = nnx.split(model)
     if not items:
         return model.text.embed(jnp.asarray(input_ids, jnp.int32))
+    graphdef, state = nnx.split(model)
     pixel_values = np.concatenate([m.pixel_values for m in items]).astype(np.float32)
     grid = as_grid(np.concatenate([m.grid_thw for m in items]), cfg.vision)
     return _embed_media(graphdef, state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values), grid)
