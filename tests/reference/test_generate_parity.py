@@ -131,3 +131,40 @@ def test_greedy_generation_with_images_matches_transformers(tmp_path):
     ids, media = prepared[0]
     other = media._replace(pixel_values=media.pixel_values[::-1].copy())
     assert generate(model, [ids], media=[other], **kw)[0] != expected[0]
+
+
+def test_greedy_generation_with_video_matches_transformers(tmp_path):
+    """A chat prompt with a 6-frame video (chunks of 4 and 2 frames, timestamped blocks). transformers takes video
+    chunks at its own ``video_token_id`` with ``pixel_values_videos``; k25jax at ``<|media_pad|>``, as the release."""
+    from PIL import Image
+
+    from k25jax import Tokenizer
+    from k25jax.chat import prepare
+
+    cfg = configs.grouped()
+    hf = oracle.make_hf_kimi_model(cfg, seed=6)
+    hf.generation_config.eos_token_id = None
+    path = oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp_path / "release", num_shards=2)
+    model = load_model(path, compute_dtype=jnp.float32, progress=False)
+    rng = np.random.default_rng(4)
+    frames = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)) for _ in range(6)]
+    video = {"type": "video", "video": frames, "timestamps": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]}
+    ids, media = prepare(
+        [{"role": "user", "content": [video, {"type": "text", "text": "What happens?"}]}], Tokenizer.tiny()
+    )
+    assert media.grid_thw.tolist() == [[4, 4, 6], [2, 4, 6]] and media.num_tokens == 12
+    pad = cfg.media_placeholder_token_id
+    hf_ids = [hf.config.video_token_id if t == pad else t for t in ids]
+    out = hf.generate(
+        input_ids=torch.tensor([hf_ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pixel_values_videos=torch.from_numpy(media.pixel_values),
+        video_grid_thw=torch.from_numpy(media.grid_thw),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+    )
+    expected = out[0, len(ids) :].tolist()
+    ours = generate(model, [ids], media=[media], max_new_tokens=NEW_TOKENS, temperature=0.0, stop_token_ids=())[0]
+    assert len(expected) == NEW_TOKENS and pad not in expected
+    assert ours == expected, f"first mismatch at {_first_diff(ours, expected)}"
