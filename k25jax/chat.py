@@ -9,7 +9,8 @@ prompt opens an assistant turn with ``<think>`` (``<think></think>`` with thinki
 
 Media: an image part renders ``<|media_begin|>image<|media_content|><|media_pad|><|media_end|>`` + newline and
 a video part ``<|kimi_k25_video_placeholder|>`` + newline; :func:`encode` expands them with token counts the
-caller supplies (the vision preprocessing computes them).
+caller supplies, and :func:`prepare` preprocesses the parts (``k25jax.media``) and expands them with the counts
+of their actual grids, returning the ids and the packed media for ``k25jax.generate``.
 """
 
 from __future__ import annotations
