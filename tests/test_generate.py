@@ -5,18 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k25jax import build_model
 from k25jax.cache import LatentCache, values_per_token
 from k25jax.config import k25, tiny
 from k25jax.generate import extend, generate, prefill, sample, stream
 from k25jax.sharding import LOGICAL_AXES
+
+import tiny_models
 
 REL = 1e-5  # prefill/decode vs full logits: max |diff| <= REL * max |logits| (float32)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(tiny(), dtype=jnp.float32, seed=3)
+    return tiny_models.tiny_float32(seed=3)  # shared with the media and session tests
 
 
 def _rel(a, b):

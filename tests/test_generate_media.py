@@ -15,13 +15,15 @@ from k25jax.config import tiny
 from k25jax.generate import extend, generate, media_embeds, prefill
 from k25jax.tokenizer import Tokenizer
 
+import tiny_models
+
 REL = 1e-5  # cached vs full logits: max |diff| <= REL * max |logits| (float32)
 GREEDY = dict(temperature=0.0, stop_token_ids=())
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(tiny(), dtype=jnp.float32, seed=3)
+    return tiny_models.tiny_float32(seed=3)
 
 
 @pytest.fixture(scope="module")

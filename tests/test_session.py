@@ -1,22 +1,21 @@
 """``Session``: the latent cache reused across turns gives the tokens a fresh ``generate`` gives, running only
 the part of each prompt the cache does not hold (media compared by content, never split)."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from k25jax import build_model
 from k25jax.chat import parse_ids, prepare
-from k25jax.config import tiny
 from k25jax.generate import generate
 from k25jax.session import Session
 from k25jax.tokenizer import Tokenizer
 
+import tiny_models
+
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(tiny(), dtype=jnp.float32, seed=3)
+    return tiny_models.tiny_float32(seed=3)
 
 
 @pytest.fixture(scope="module")
