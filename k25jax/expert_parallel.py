@@ -113,9 +113,13 @@ def dispatch_combine(
         if index:  # whole [L, E_local, ...] stacks: read this layer's local experts only
             weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index[0], 0, keepdims=False), weights)
         first = layout.shard_index() * local_count
-        out = local_dispatch_combine(
-            tokens, route_weights, route_experts, first, local_count, lambda rows, gs: expert_fn(rows, gs, weights)
-        )
+
+        def local(rows, group_sizes):
+            # The rows meet weights split over the width axes: mark them varying there, so that differentiation
+            # sums their cotangent over those axes (the transpose of this cast is a psum).
+            return expert_fn(_varying(rows, layout.width_axes), group_sizes, weights)
+
+        out = local_dispatch_combine(tokens, route_weights, route_experts, first, local_count, local)
         out = out.astype(out_dtype)  # partial sums travel in the compute dtype
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
@@ -129,3 +133,13 @@ def dispatch_combine(
         args += (jnp.asarray(layer_index, jnp.int32),)
         in_specs += (PartitionSpec(),)
     return jax.shard_map(body, in_specs=in_specs, out_specs=token_spec)(*args)
+
+
+def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """``x`` typed as varying over ``axes`` inside ``shard_map`` (those it does not vary over already)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # jax >= 0.11
+    if vma is None:  # jax 0.10: the manual axis type's varying set
+        vma = aval.mat.varying
+    missing = tuple(a for a in axes if a not in vma)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x

@@ -71,8 +71,6 @@ def test_chat_keeps_history_and_resets(cli_tiny, capsys, monkeypatch):
 def test_unsupported_options_say_so(cli_tiny):
     with pytest.raises(SystemExit, match="--image is not yet supported"):
         main(["generate", "--model", "tiny", "--prompt", "x", "--image", "a.png"])
-    with pytest.raises(SystemExit, match="--mesh is not yet supported"):
-        main(["chat", "--model", "tiny", "--mesh", "data:8"])
 
 
 def test_release_dir_without_tokenizer_is_named(tmp_path):
