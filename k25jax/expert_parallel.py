@@ -15,11 +15,13 @@ arrive split by batch row. Dispatch is **all-gather + reduce-scatter**:
 
 Dropless: the row buffer holds every pair that can land on a device, ``N * min(k, E_local)`` (a token picks k
 distinct experts, at most ``E_local`` of them local), so no pair is ever dropped and there is no capacity
-factor; no ``[tokens, experts]`` tensor is formed. Why this rather than an all-to-all: the bytes each device
-moves per MoE layer are ``2 (ep-1)/ep N D`` here against ``2 (ep-1)/ep N k D / ep`` for an exact ragged
-all-to-all, equal at K2.5's ``k = 8`` on 8 expert shards; the ragged all-to-all is unimplemented on XLA:CPU and a
-padded all-to-all (its portable stand-in) moves ``k`` times more. The README section "Sharding, multi-host and
-memory planning" gives the measured collective bytes (``benchmarks/moe_comm.py``).
+factor; no ``[tokens, experts]`` tensor is formed. Why this rather than an all-to-all: per MoE layer each device
+sends ``2 (ep-1)/ep N D`` values here against ``2 (ep-1)/ep N k D / ep`` for an exact ragged all-to-all: the same
+at K2.5's ``k = 8`` on 8 expert shards (measured from the compiled program, ``benchmarks/moe_comm.py``: 205.8 vs
+204.7 MB for an 8 x 512-token prefill chunk in float32). A ragged all-to-all is unimplemented on XLA:CPU (no test
+could run it here) and limited in peers on GPU; the padded all-to-all that stands in for it moves 8x more. With
+more expert shards than ``k`` the all-to-all would move less (``k / ep``): see the README section "Sharding,
+multi-host and memory planning".
 """
 
 from __future__ import annotations
@@ -115,9 +117,7 @@ def dispatch_combine(
         first = layout.shard_index() * local_count
 
         def local(rows, group_sizes):
-            # The rows meet weights split over the width axes: mark them varying there, so that differentiation
-            # sums their cotangent over those axes (the transpose of this cast is a psum).
-            return expert_fn(_varying(rows, layout.width_axes), group_sizes, weights)
+            return expert_fn(rows, group_sizes, weights)
 
         out = local_dispatch_combine(tokens, route_weights, route_experts, first, local_count, local)
         out = out.astype(out_dtype)  # partial sums travel in the compute dtype
@@ -132,14 +132,6 @@ def dispatch_combine(
     if layer_index is not None:
         args += (jnp.asarray(layer_index, jnp.int32),)
         in_specs += (PartitionSpec(),)
-    return jax.shard_map(body, in_specs=in_specs, out_specs=token_spec)(*args)
-
-
-def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """``x`` typed as varying over ``axes`` inside ``shard_map`` (those it does not vary over already)."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)  # jax >= 0.11
-    if vma is None:  # jax 0.10: the manual axis type's varying set
-        vma = aval.mat.varying
-    missing = tuple(a for a in axes if a not in vma)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    # check_vma=False: Pallas kernels inside shard_map (the INT4 grouped kernel) cannot declare how their outputs
+    # vary over the mesh under jax 0.10; gradients through this map are checked against one device in the tests.
+    return jax.shard_map(body, in_specs=in_specs, out_specs=token_spec, check_vma=False)(*args)

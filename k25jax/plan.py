@@ -276,6 +276,14 @@ def plan(
         notes.append(f"activations: estimate for a {min(prefill_chunk, context)}-token prefill chunk (the larger step)")
     if cfg.quantization is not None:
         notes.append("routed experts INT4: 0.5 byte per value + one bf16 scale per 32 values (0.5625 bytes/value)")
+        t = cfg.text
+        local = t.n_routed_experts // _split(("experts",), (t.n_routed_experts,), amesh)
+        width = t.moe_intermediate_size // _split(("expert_mlp",), (t.moe_intermediate_size,), amesh)
+        dequantized = local * 3 * t.hidden_size * width * dbytes
+        notes.append(
+            f"activations assume the Pallas INT4 kernels (kernels='pallas'); the XLA path dequantizes one layer's "
+            f"local experts first: +{dequantized / GB:.2f} GB"
+        )
     p.notes = notes
     return p
 

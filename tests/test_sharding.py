@@ -100,6 +100,15 @@ def test_sharded_logits_match_single_device(model, inputs, reference, name):
     assert list(np.asarray(cache.lengths)) == list(LENGTHS + 2)
 
 
+def test_pallas_kernels_on_the_mesh(model, inputs, reference):
+    """The INT4 Pallas grouped kernel (interpreted on CPU) runs inside the expert-parallel shard_map too."""
+    mesh = make_mesh(expert=4, tensor=2)
+    placed = shard_model(model, mesh).set_kernels("pallas")
+    with use_mesh(mesh):
+        full = nnx.jit(lambda m, x: m(x))(placed, jnp.asarray(inputs[0]))
+    assert _rel(full, reference[0]) <= REL
+
+
 @pytest.mark.parametrize("name", list(MESHES))
 def test_each_device_holds_only_its_experts(model, name):
     mesh = make_mesh(**MESHES[name])
@@ -249,6 +258,9 @@ def test_fsdp_training_gradients_match_single_device(model, inputs):
     with use_mesh(mesh):
         got = dict(nnx.to_flat_state(grad(placed, ids)))
     errors = {p: _rel(got[p].get_value(), v.get_value()) for p, v in ref if np.abs(np.asarray(v.get_value())).max()}
+    # Gradients that cross the expert-parallel shard_map: the router (replicated in, per-token use) and the
+    # attention feeding the MoE tokens.
+    assert ("text", "moe_layers", "mlp", "router") in errors and ("text", "moe_layers", "attn", "q_b_proj") in errors
     worst = max(errors, key=errors.get)
     print(f"FSDP gradients: {len(errors)} arrays, worst relative error {errors[worst]:.1e} at {worst}")
     assert errors[worst] <= REL
