@@ -87,8 +87,8 @@ def initialize(args: argparse.Namespace | None = None) -> bool:
         return False
     import jax
 
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices of several processes (tests, laptops) talk through gloo; GPU and TPU use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**settings)
     return True
 
