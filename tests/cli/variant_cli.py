@@ -33,4 +33,9 @@ def load_variant(model: str, dtype: str | None):
 cli_generate.load_model_and_tokenizer = load_variant
 
 if __name__ == "__main__":
+    # Gloo (the CPU collectives of a multi-process run) logs connections from C++ threads on file descriptor 1:
+    # send those to stderr and keep Python's stdout, the reply, on the original stdout.
+    reply_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(reply_fd, "w", buffering=1)
     sys.exit(main(sys.argv[1:]))
