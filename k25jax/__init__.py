@@ -5,6 +5,7 @@ from k25jax.checkpoint import load_model
 from k25jax.config import ConfigError, K25Config, TextConfig, VisionConfig, from_release_config, preset
 from k25jax.generate import generate, stream
 from k25jax.model import K25, abstract_model, build_model, count_params
+from k25jax.sharding import make_mesh, shard_model
 from k25jax.tokenizer import Tokenizer
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "from_release_config",
     "generate",
     "load_model",
+    "make_mesh",
     "preset",
+    "shard_model",
     "stream",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,9 @@ from flax import nnx
 from k25jax.config import TextConfig
 from k25jax.layers import RMSNorm, param
 from k25jax.rope import apply_rope_interleaved
+from k25jax.sharding import constrain
+
+HEADS = ("batch", "seq", "act_heads", None)  # logical axes of per-head activations [B, T, H, .]
 
 NEG_INF = -1e30
 
@@ -62,7 +65,7 @@ class MLA(nnx.Module):
             q = jnp.einsum("btq,qhk->bthk", c_q, self.q_b_proj[...].astype(dt))
         q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
         q_pe = apply_rope_interleaved(q_pe, cos[:, :, None, :], sin[:, :, None, :])
-        return q_nope, q_pe
+        return constrain(q_nope, HEADS), constrain(q_pe, HEADS)
 
     def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x [B, T, D]`` -> normed ``c_kv [B, T, C]`` and roped ``k_pe [B, T, R]`` (what the latent cache holds)."""
@@ -70,11 +73,13 @@ class MLA(nnx.Module):
         kv = jnp.einsum("btd,dc->btc", x, self.kv_a_proj[...].astype(self.dtype))
         c_kv = self.kv_a_norm(kv[..., :C])
         k_pe = apply_rope_interleaved(kv[..., C:], cos, sin)
-        return c_kv, k_pe
+        # Per-token latents are shared by all heads: whole on every tensor shard (batch rows split).
+        return constrain(c_kv, ("batch", "seq", None)), constrain(k_pe, ("batch", "seq", None))
 
     def out(self, o: jax.Array) -> jax.Array:
-        """``o [B, T, H, Kv]`` -> ``[B, T, D]``."""
-        return jnp.einsum("bthk,hkd->btd", o, self.o_proj[...].astype(self.dtype))
+        """``o [B, T, H, Kv]`` -> ``[B, T, D]`` (on a mesh: the sum over head shards happens here)."""
+        out = jnp.einsum("bthk,hkd->btd", constrain(o, HEADS), self.o_proj[...].astype(self.dtype))
+        return constrain(out, ("batch", "seq", "act_embed"))
 
     # -- full form -------------------------------------------------------------------------------------
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from k25jax.config import TextConfig
-from k25jax.sharding import CACHE_AXES
+from k25jax.sharding import CACHE_AXES, cache_spec
 
 STACKS = ("dense_layers", "moe_layers")
 
@@ -53,13 +53,30 @@ class LatentCache:
     axes = CACHE_AXES  # logical axes of every array in ``stacks`` (a class constant, not a pytree leaf)
 
     @classmethod
-    def zeros(cls, cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> LatentCache:
-        """An empty cache of ``max_len`` slots per sequence."""
+    def zeros(cls, cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> LatentCache:
+        """An empty cache of ``max_len`` slots per sequence; with a ``mesh``, created in place already sharded
+        (:meth:`shardings`), so no device ever holds the whole cache."""
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"LatentCache: batch ({batch}) and max_len ({max_len}) must be positive")
-        width = cfg.latent_cache_dim
-        stacks = {name: jnp.zeros((n, batch, max_len, width), dtype) for name, n in stack_sizes(cfg).items()}
-        return cls(stacks=stacks, lengths=jnp.zeros((batch,), jnp.int32))
+
+        def build():
+            width = cfg.latent_cache_dim
+            stacks = {name: jnp.zeros((n, batch, max_len, width), dtype) for name, n in stack_sizes(cfg).items()}
+            return cls(stacks=stacks, lengths=jnp.zeros((batch,), jnp.int32))
+
+        if mesh is None:
+            return build()
+        return jax.jit(build, out_shardings=cls.shardings(jax.eval_shape(build), mesh))()
+
+    @staticmethod
+    def shardings(cache: LatentCache, mesh) -> LatentCache:
+        """``NamedSharding``s for a (possibly abstract) cache on ``mesh``: batch rows split like activations
+        (``k25jax.sharding.cache_spec``), the latents whole (they are per token, shared by all heads)."""
+        from jax.sharding import NamedSharding
+
+        stacks = {k: NamedSharding(mesh, cache_spec(tuple(v.shape), mesh)) for k, v in cache.stacks.items()}
+        rows = next(iter(stacks.values())).spec[1]
+        return LatentCache(stacks=stacks, lengths=NamedSharding(mesh, jax.sharding.PartitionSpec(rows)))
 
     @classmethod
     def abstract(cls, cfg: TextConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> LatentCache:
@@ -96,10 +113,15 @@ def write(stack_cache: jax.Array, layer: jax.Array | int, starts: jax.Array, val
     ``stack_cache`` is ``[L, B, S, C + R]``. Writes past slot ``S - 1`` are dropped (never clamped onto valid
     slots); callers keep real tokens inside the cache.
     """
-    B, T = values.shape[:2]
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    slots = starts[:, None] + jnp.arange(T, dtype=starts.dtype)[None, :]
-    return stack_cache.at[layer, rows, slots].set(values.astype(stack_cache.dtype), mode="drop")
+    T = values.shape[1]
+
+    # One write per batch row (vmapped): on a mesh the rows, split like the cache's batch dim, are written where
+    # they live, with no gather of the new latents.
+    def row(rows_cache, start, new):  # [L, S, C + R], [], [T, C + R]
+        slots = start + jnp.arange(T, dtype=start.dtype)
+        return rows_cache.at[layer, slots].set(new.astype(rows_cache.dtype), mode="drop")
+
+    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(stack_cache, starts, values)
 
 
 def slot_mask(positions: jax.Array, max_len: int) -> jax.Array:

@@ -54,7 +54,13 @@ def _generate_registrars():
     return [register_generate, register_chat]
 
 
-REGISTRARS = [register_forward, *_generate_registrars()]
+def _plan_registrar(sub) -> None:
+    from k25jax.cli_plan import register_plan
+
+    register_plan(sub)
+
+
+REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,6 @@ import argparse
 import os
 import sys
 
-NOT_YET = "is not yet supported in this build"
-
 
 class ReplyPrinter:
     """Prints a streamed reply: reasoning under ``--- thinking ---``, the answer under ``--- answer ---``; the
@@ -99,9 +97,31 @@ def load_model_and_tokenizer(model: str, dtype: str | None):
     return load_model(model, compute_dtype=compute), tokenizer
 
 
-def _check_unsupported(args: argparse.Namespace) -> None:
-    if getattr(args, "mesh", None):
-        raise SystemExit(f"k25jax {args.command}: --mesh {NOT_YET}: sharded inference has not been merged yet")
+def start(args: argparse.Namespace):
+    """Multi-host start-up (before any JAX device is touched), then the model and tokenizer, placed on the
+    ``--mesh`` when given. Returns ``(model, tokenizer, out)``; only process 0 prints the reply."""
+    import io
+
+    from k25jax import distributed
+
+    distributed.initialize(args)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    if args.mesh:
+        model = place_on_mesh(model, args.mesh, args.command)
+    return model, tokenizer, (sys.stdout if distributed.is_main_process() else io.StringIO())
+
+
+def place_on_mesh(model, mesh_text: str, command: str = "generate"):
+    """Shard ``model`` over all devices (of all hosts) as ``--mesh`` says (``expert=8,tensor=4``; ``data`` takes
+    up the devices the named axes leave)."""
+    import jax
+
+    from k25jax.sharding import ShardingError, make_mesh, mesh_sizes, shard_model
+
+    try:
+        return shard_model(model, make_mesh(**mesh_sizes(mesh_text, jax.device_count())))
+    except ShardingError as e:
+        raise SystemExit(f"k25jax {command}: --mesh {mesh_text}: {e}") from None
 
 
 def _sampling(args: argparse.Namespace):
@@ -152,16 +172,15 @@ def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, s
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a reply to one prompt and stream it."""
-    _check_unsupported(args)
     images = image_parts(args.image, "generate")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    model, tokenizer, out = start(args)
     if images:
         _check_vision(model, "generate")
     content = images + [{"type": "text", "text": args.prompt}] if images else args.prompt
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}
     ]
-    reply_to(model, tokenizer, messages, args, args.seed)
+    reply_to(model, tokenizer, messages, args, args.seed, out)
     return 0
 
 
@@ -170,8 +189,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     the history (and pending images), ``/exit`` (or end of input) quits."""
     from k25jax.session import Session
 
-    _check_unsupported(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    model, tokenizer, _ = start(args)
     session = Session(model, max_context=args.max_context)  # later turns prefill only what changed
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -229,7 +247,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's 256K)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: float32 tiny, else bf16")
-    p.add_argument("--mesh", default=None, help=f"device mesh for sharded inference ({NOT_YET})")
+    p.add_argument("--mesh", default=None, help="shard over all devices, e.g. expert=8,tensor=4 (data takes the rest)")
+    from k25jax import distributed
+
+    distributed.add_arguments(p)
 
 
 def register_generate(sub) -> None:

@@ -6,6 +6,10 @@ the cache in the same pass; decode runs one token per sequence through the absor
 place. Prompts of different lengths batch together: each sequence keeps its own positions (slot = position),
 its next token is written at its own length, and finished sequences stop emitting while the rest go on.
 
+A model placed on a mesh (``k25jax.sharding.shard_model``) runs sharded: each jitted step finds the mesh on its
+arguments and runs under it (:func:`_on_mesh`), the cache is created sharded, and sampled tokens come back
+replicated so that every host can read them.
+
 Sampling defaults follow the model card: thinking mode temperature 1.0, instant mode 0.6, top_p 0.95
 (:data:`THINKING`, :data:`INSTANT`); temperature 0 is greedy.
 """
@@ -22,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from k25jax.cache import LatentCache
+from k25jax.sharding import mesh_of, replicated, use_mesh
 from k25jax.tokenizer import NUM_SPECIAL, special_token_id
 
 
@@ -92,6 +97,18 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_p, top_k) -> jax.
 # --------------------------------------------------------------------------------------------------------
 
 
+def _on_mesh(step):
+    """Run a jitted step under the mesh its arguments are placed on (none: as is), so that the model's sharding
+    constraints and expert-parallel ``shard_map`` see that mesh when it is traced."""
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        with use_mesh(mesh_of((args, kwargs))):
+            return step(*args, **kwargs)
+
+    return run
+
+
 def _text_model(model):
     """The decoder stack of a ``K25`` (``model.text``) or a ``TextModel`` itself."""
     return getattr(model, "text", model)
@@ -110,6 +127,7 @@ def _embed(text, input_ids, embeds, embeds_mask):
     return h
 
 
+@_on_mesh
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _prefill(graphdef, state, input_ids, lengths, cache, embeds, embeds_mask):
     text = nnx.merge(graphdef, state)
@@ -118,6 +136,7 @@ def _prefill(graphdef, state, input_ids, lengths, cache, embeds, embeds_mask):
     return _last_logits(text, h, lengths - 1), cache
 
 
+@_on_mesh
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames="cache")
 def _extend(graphdef, state, input_ids, chunk_lengths, cache, all_logits, embeds=None, embeds_mask=None):
     text = nnx.merge(graphdef, state)
@@ -135,12 +154,14 @@ def _finish(tokens, done, lengths, max_len, stop_ids):
     return done | stopped | (lengths + 1 >= max_len)
 
 
+@_on_mesh
 @jax.jit
 def _sample_first(logits, lengths, max_len, key, sampling, stop_ids):
-    tokens = sample(logits, jax.random.fold_in(key, 0), *sampling)
+    tokens = replicated(sample(logits, jax.random.fold_in(key, 0), *sampling))
     return tokens, _finish(tokens, jnp.zeros(tokens.shape, bool), lengths, max_len, stop_ids)
 
 
+@_on_mesh
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _decode_and_sample(graphdef, state, tokens, done, cache, key, step, sampling, stop_ids):
     text = nnx.merge(graphdef, state)
@@ -149,7 +170,7 @@ def _decode_and_sample(graphdef, state, tokens, done, cache, key, step, sampling
     h, cache = text.hidden_cached(text.embed(tokens[:, None]), starts, new_lengths, cache, absorbed=True)
     logits = text.logits(h[:, 0])
     new_tokens = sample(logits, jax.random.fold_in(key, step), *sampling)
-    new_tokens = jnp.where(done, tokens, new_tokens)
+    new_tokens = replicated(jnp.where(done, tokens, new_tokens))
     return new_tokens, _finish(new_tokens, done, cache.lengths, cache.max_len, stop_ids), cache
 
 
@@ -344,7 +365,7 @@ def stream(
     stop_ids = _stop_array(model, stop_token_ids)
     sampling = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
     graphdef, state = nnx.split(text)
-    cache = LatentCache.zeros(cfg, B, S, cache_dtype or text.dtype)
+    cache = LatentCache.zeros(cfg, B, S, cache_dtype or text.dtype, mesh=mesh_of(state))
     logits, cache = fill(graphdef, state, ids, lengths, cache, embeds, embeds_mask, chunk)
     yield from decode_steps(graphdef, state, logits, cache, max_new_tokens, jax.random.key(seed), sampling, stop_ids)
 

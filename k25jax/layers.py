@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k25jax.sharding import check_axes
+from k25jax.sharding import check_axes, constrain
 
 INIT_STD = 0.02
 
@@ -76,7 +76,10 @@ class MLP(nnx.Module):
         x = x.astype(self.dtype)
         gate = jnp.einsum("...d,df->...f", x, self.gate_proj[...].astype(self.dtype))
         up = jnp.einsum("...d,df->...f", x, self.up_proj[...].astype(self.dtype))
-        return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
+        hidden = jax.nn.silu(gate) * up
+        if hidden.ndim == 3:  # [B, T, F]: the width is split over the tensor axes on a mesh
+            hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
+        return jnp.einsum("...f,fd->...d", hidden, self.down_proj[...].astype(self.dtype))
 
 
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:

@@ -1,7 +1,8 @@
 """Mixture of experts: sigmoid router with selection-only bias and group-limited top-k, routed experts, shared expert.
 
 Math: ``shared/docs/k25-architecture.md`` section 2 (MoE gate). Dispatch sorts the (token, choice) pairs by
-expert and runs the experts as grouped matmuls over contiguous row groups (dropless: no capacity factor).
+expert and runs the experts as grouped matmuls over contiguous row groups (dropless: no capacity factor). On a
+mesh that splits the experts, :mod:`k25jax.expert_parallel` runs the same per-device under ``shard_map``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from k25jax import expert_parallel
 from k25jax.config import TextConfig
 from k25jax.layers import MLP, param, zeros_init
 from k25jax.quant import Int4Array, Int4Weight
+from k25jax.sharding import ExpertLayout, expert_layout
 from pallas_kernels.int4_gmm.ops import int4_gmm
 
 
@@ -96,21 +99,20 @@ class Experts(nnx.Module):
     """
 
     WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+    AXES = {
+        "gate_proj": ("experts", "expert_embed", "expert_mlp"),
+        "up_proj": ("experts", "expert_embed", "expert_mlp"),
+        "down_proj": ("experts", "expert_mlp", "expert_embed"),
+    }
     layer_index: jax.Array | None = None  # set only on a layer merged from whole (layer-stacked) weights
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
         self.kernels = "xla"
         E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = param(
-            rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), param_dtype, what="Experts.gate_proj"
-        )
-        self.up_proj = param(
-            rngs, (E, D, F), ("experts", "expert_embed", "expert_mlp"), param_dtype, what="Experts.up_proj"
-        )
-        self.down_proj = param(
-            rngs, (E, F, D), ("experts", "expert_mlp", "expert_embed"), param_dtype, what="Experts.down_proj"
-        )
+        self.gate_proj = param(rngs, (E, D, F), self.AXES["gate_proj"], param_dtype, what="Experts.gate_proj")
+        self.up_proj = param(rngs, (E, D, F), self.AXES["up_proj"], param_dtype, what="Experts.up_proj")
+        self.down_proj = param(rngs, (E, F, D), self.AXES["down_proj"], param_dtype, what="Experts.down_proj")
 
     def to_int4(self) -> None:
         """Replace the plain weights by INT4 ones (release quantization rule; logical axes kept)."""
@@ -139,6 +141,23 @@ class Experts(nnx.Module):
         gate, up, down = (self.weight(n) for n in self.WEIGHTS)
         return expert_swiglu(x_sorted, group_sizes, gate, up, down, dtype=self.dtype, kernels=self.kernels)
 
+    def parallel(self, tokens: jax.Array, route_fn, route_params: tuple, layout: ExpertLayout) -> jax.Array:
+        """Expert-parallel ``sum_k w_k E_k(x)`` on the active mesh: ``tokens [N, D]`` -> ``[N, D]`` in the compute
+        dtype; ``route_fn(tokens, *route_params) -> (weights, experts)`` runs on each device's own tokens. The whole
+        weights go in; each device computes with its own experts (:mod:`k25jax.expert_parallel`)."""
+        whole = {n: getattr(self, n)[...] for n in self.WEIGHTS}
+        lead = ("layers",) if self.layer_index is not None else ()
+        axes = {n: lead + self.AXES[n] for n in self.WEIGHTS}
+
+        def local(rows, group_sizes, w):
+            gate, up, down = (w[n] for n in self.WEIGHTS)
+            return expert_swiglu(rows, group_sizes, gate, up, down, dtype=self.dtype, kernels=self.kernels)
+
+        count = int(next(iter(whole.values())).shape[len(lead)])
+        return expert_parallel.dispatch_combine(
+            tokens, route_fn, route_params, whole, axes, self.layer_index, local, count, layout, self.dtype
+        )
+
 
 class MoE(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -158,12 +177,20 @@ class MoE(nnx.Module):
         """``x [B, T, D]`` -> ``[B, T, D]``: ``sum_k w_k E_k(x) + shared(x)``."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
+        layout = expert_layout(shape[0], self.cfg.n_routed_experts)
+        if layout is not None:  # experts split over the active mesh
+            route_params = (self.router[...], self.correction_bias[...])
+            out = self.experts.parallel(tokens, lambda x, w, b: route(x, w, b, self.cfg), route_params, layout)
+            return self._add_shared(out, x)
         weights, experts = route(tokens, self.router[...], self.correction_bias[...], self.cfg)
         if per_pair_pays(tokens.shape[0] * self.cfg.num_experts_per_tok, self.cfg, self.experts.kernels):
             out = per_pair_experts(tokens, weights, experts, self.experts)
         else:
             out = dispatch_combine(tokens, weights, experts, self.experts, self.cfg.n_routed_experts)
-        out = out.astype(self.dtype).reshape(shape)
+        return self._add_shared(out, x)
+
+    def _add_shared(self, routed: jax.Array, x: jax.Array) -> jax.Array:
+        out = routed.astype(self.dtype).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x)
         return out

@@ -33,6 +33,7 @@ from k25jax.generate import (
     media_embeds,
 )
 from k25jax.media import Media, as_media
+from k25jax.sharding import mesh_of
 
 
 class Session:
@@ -153,7 +154,7 @@ class Session:
         """The session's cache (grown to ``slots`` if smaller, keeping its contents) with ``reuse`` valid slots."""
         cache, self.cache, self.keys = self.cache, None, []  # donated below: never reuse a half-updated cache
         if cache is None or reuse == 0 and cache.max_len < slots:
-            cache = LatentCache.zeros(self.text.cfg, 1, slots, self.cache_dtype)
+            cache = LatentCache.zeros(self.text.cfg, 1, slots, self.cache_dtype, mesh=mesh_of(nnx.state(self.text)))
         elif cache.max_len < slots:
             grow = ((0, 0), (0, 0), (0, slots - cache.max_len), (0, 0))
             cache = dataclasses.replace(cache, stacks={k: jnp.pad(v, grow) for k, v in cache.stacks.items()})

@@ -19,6 +19,9 @@ from k25jax.config import TextConfig
 from k25jax.layers import MLP, RMSNorm, param
 from k25jax.moe import Experts, MoE
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
+from k25jax.sharding import constrain
+
+RESIDUAL = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, T, D]
 
 
 class DecoderLayer(nnx.Module):
@@ -35,7 +38,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         h = h + self.attn(self.input_norm(h), cos, sin, mask).astype(h.dtype)
-        return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype)
+        return constrain(h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), RESIDUAL)
 
     def prefill(self, h, cos, sin, mask, stack_cache, index, starts) -> tuple[jax.Array, jax.Array]:
         """Full-form layer that also writes its tokens' latents into slots ``starts[b] + t`` of layer ``index``.
@@ -45,7 +48,7 @@ class DecoderLayer(nnx.Module):
         attn_out, latents = self.attn.full(self.input_norm(h), cos, sin, mask)
         stack_cache = kv_cache.write(stack_cache, index, starts, latents)
         h = h + attn_out.astype(h.dtype)
-        return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), stack_cache
+        return constrain(h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), RESIDUAL), stack_cache
 
     def extend(self, h, cos, sin, mask, stack_cache, index, starts) -> tuple[jax.Array, jax.Array]:
         """Absorbed-form layer over the cache: write the new tokens' latents, then attend over all slots.
@@ -58,7 +61,7 @@ class DecoderLayer(nnx.Module):
         stack_cache = kv_cache.write(stack_cache, index, starts, jnp.concatenate([c_kv, k_pe], axis=-1))
         attn_out = self.attn.absorbed(q_nope, q_pe, stack_cache[index], mask)
         h = h + attn_out.astype(h.dtype)
-        return h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), stack_cache
+        return constrain(h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), RESIDUAL), stack_cache
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -134,7 +137,8 @@ class TextModel(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """``[B, T]`` int ids -> ``[B, T, D]`` in the compute dtype."""
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        # On a mesh the table is split over the vocabulary: each shard looks up the ids it holds, one all-reduce.
+        return constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype), RESIDUAL)
 
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         return rope_angles(positions, text_inv_freq(self.cfg), text_rope_scale(self.cfg))
@@ -185,8 +189,12 @@ class TextModel(nnx.Module):
         return self.norm(h), LatentCache(stacks=stacks, lengths=new_lengths.astype(jnp.int32))
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """Final hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
-        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        """Final hidden ``[..., D]`` -> float32 logits ``[..., V]`` (on a mesh: split over the vocabulary)."""
+        logits = jnp.einsum(
+            "...d,dv->...v", h, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        axes = {2: ("batch", "act_vocab"), 3: ("batch", "seq", "act_vocab")}.get(logits.ndim, (None,) * logits.ndim)
+        return constrain(logits, axes)
 
     def __call__(
         self,

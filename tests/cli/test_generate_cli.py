@@ -129,8 +129,8 @@ def test_chat_attaches_images_to_the_next_message(cli_tiny, capsys, monkeypatch,
     assert "/no/such.png: no such image file" in captured.err
 
 
-def test_unsupported_options_say_so(cli_tiny):
-    with pytest.raises(SystemExit, match="--mesh is not yet supported"):
+def test_bad_mesh_is_named(cli_tiny):
+    with pytest.raises(SystemExit, match=r"k25jax chat: --mesh data:8: .*expected NAME=SIZE"):
         main(["chat", "--model", "tiny", "--mesh", "data:8"])
 
 
