@@ -39,16 +39,40 @@ class Target:
 
 @dataclass(frozen=True)
 class Entry:
-    """Release sources -> k25jax targets. ``load(arrays, cfg) -> arrays`` maps source arrays to target slots."""
+    """Release sources -> k25jax targets, both ways.
+
+    ``load(source arrays) -> target slot arrays`` and its exact inverse ``store(target slot arrays) -> source
+    arrays`` (pure layout moves: transposes, reshapes, the INT4 repacking; never a change of dtype).
+
+    ``row_axis``: set on single-source, single-target entries whose source rows map one to one onto an axis of
+    the target slot (plain transposes and copies): ``load`` of a row block ``source[r0:r1]`` is the slot
+    restricted to ``[r0:r1]`` on ``row_axis``, and ``store`` maps that block back. Converters use it to stream
+    big tensors (the 2.3 GB embedding and lm_head) in row blocks instead of whole.
+    """
 
     sources: tuple[Source, ...]
     targets: tuple[Target, ...]
     load: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+    store: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
     kind: str = "dense"  # "dense" | "expert" (INT4 packed or plain routed-expert weight)
+    row_axis: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable identifier: the first source's name."""
+        return self.sources[0].name
 
 
 def _t(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
+
+
+def _same(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [arrays[0]]
+
+
+def _transposed(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [_t(arrays[0])]
 
 
 def text_prefix(cfg: K25Config) -> str:
@@ -63,11 +87,12 @@ def layer_slot(t: TextConfig, layer: int) -> tuple[str, int]:
 
 
 def _linear(name: str, out_dim: int, in_dim: int, target: Target) -> Entry:
-    return Entry((Source(name, (out_dim, in_dim), BF16),), (target,), lambda a: [_t(a[0])])
+    """``[out, in]`` -> ``[in, out]``: source row ``o`` is slot column ``o``."""
+    return Entry((Source(name, (out_dim, in_dim), BF16),), (target,), _transposed, _transposed, row_axis=1)
 
 
 def _norm(name: str, dim: int, target: Target) -> Entry:
-    return Entry((Source(name, (dim,), BF16),), (target,), lambda a: [a[0]])
+    return Entry((Source(name, (dim,), BF16),), (target,), _same, _same, row_axis=0)
 
 
 def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) -> list[Entry]:
@@ -78,17 +103,24 @@ def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) ->
     def tgt(*names: str) -> Target:
         return Target(a + names, (i,))
 
-    def per_head_in(out_dim_split: int):  # [H*K, in] -> [in, H, K]
-        return lambda arr: [np.ascontiguousarray(arr[0].reshape(H, out_dim_split, -1).transpose(2, 0, 1))]
+    def per_head_in(arr):  # [H*K, in] -> [in, H, K]
+        return [np.ascontiguousarray(arr[0].reshape(H, Kqk, -1).transpose(2, 0, 1))]
+
+    def per_head_out(arr):  # [in, H, K] -> [H*K, in]
+        return [np.ascontiguousarray(arr[0].transpose(1, 2, 0).reshape(H * Kqk, -1))]
 
     out: list[Entry] = []
     if t.q_lora_rank is None:
-        out.append(Entry((Source(f"{p}q_proj.weight", (H * Kqk, D), BF16),), (tgt("q_proj"),), per_head_in(Kqk)))
+        out.append(
+            Entry((Source(f"{p}q_proj.weight", (H * Kqk, D), BF16),), (tgt("q_proj"),), per_head_in, per_head_out)
+        )
     else:
         Q = t.q_lora_rank
         out.append(_linear(f"{p}q_a_proj.weight", Q, D, tgt("q_a_proj")))
         out.append(_norm(f"{p}q_a_layernorm.weight", Q, tgt("q_a_norm", "weight")))
-        out.append(Entry((Source(f"{p}q_b_proj.weight", (H * Kqk, Q), BF16),), (tgt("q_b_proj"),), per_head_in(Kqk)))
+        out.append(
+            Entry((Source(f"{p}q_b_proj.weight", (H * Kqk, Q), BF16),), (tgt("q_b_proj"),), per_head_in, per_head_out)
+        )
     out.append(_linear(f"{p}kv_a_proj_with_mqa.weight", C + R, D, tgt("kv_a_proj")))
     out.append(_norm(f"{p}kv_a_layernorm.weight", C, tgt("kv_a_norm", "weight")))
 
@@ -96,14 +128,24 @@ def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) ->
         w = arr[0].reshape(H, Kn + Kv, C).transpose(2, 0, 1)
         return [np.ascontiguousarray(w[..., :Kn]), np.ascontiguousarray(w[..., Kn:])]
 
+    def join_kv_b(arr):  # k_up [C, H, Kn], v_up [C, H, Kv] -> [H*(Kn+Kv), C]
+        w = np.concatenate([arr[0], arr[1]], axis=-1)
+        return [np.ascontiguousarray(w.transpose(1, 2, 0).reshape(H * (Kn + Kv), C))]
+
     out.append(
-        Entry((Source(f"{p}kv_b_proj.weight", (H * (Kn + Kv), C), BF16),), (tgt("k_up"), tgt("v_up")), split_kv_b)
+        Entry(
+            (Source(f"{p}kv_b_proj.weight", (H * (Kn + Kv), C), BF16),),
+            (tgt("k_up"), tgt("v_up")),
+            split_kv_b,
+            join_kv_b,
+        )
     )
     out.append(
         Entry(
             (Source(f"{p}o_proj.weight", (D, H * Kv), BF16),),
             (tgt("o_proj"),),
-            lambda arr: [np.ascontiguousarray(arr[0].T.reshape(H, Kv, D))],
+            lambda arr: [np.ascontiguousarray(arr[0].T.reshape(H, Kv, D))],  # [D, H*Kv] -> [H, Kv, D]
+            lambda arr: [np.ascontiguousarray(arr[0].reshape(H * Kv, D).T)],
         )
     )
     return out
@@ -125,7 +167,8 @@ def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Tar
     """
     q = cfg.quantization
     if q is None:
-        return Entry((Source(f"{p}.weight", (out_dim, in_dim), BF16),), (target,), lambda a: [_t(a[0])], "expert")
+        source = Source(f"{p}.weight", (out_dim, in_dim), BF16)
+        return Entry((source,), (target,), _transposed, _transposed, "expert", row_axis=1)
     words = -(-in_dim // quant.NIBBLES_PER_WORD)
     sources = (
         Source(f"{p}.weight_packed", (out_dim, words), I32),
@@ -139,8 +182,12 @@ def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Tar
             raise ValueError(f"tensor {p}.weight_shape holds {[int(s) for s in shape]}, expected {[out_dim, in_dim]}")
         return list(quant.release_to_device(packed, scale))
 
+    def store(arrays):
+        packed, scale = quant.device_to_release(*arrays)
+        return [packed, scale, np.array([out_dim, in_dim], np.int32)]
+
     targets = (Target(target.path + ("packed",), target.index), Target(target.path + ("scales",), target.index))
-    return Entry(sources, targets, load, "expert")
+    return Entry(sources, targets, load, store, "expert")
 
 
 def text_entries(cfg: K25Config) -> list[Entry]:
@@ -151,7 +198,9 @@ def text_entries(cfg: K25Config) -> list[Entry]:
         Entry(
             (Source(f"{pre}model.embed_tokens.weight", (V, D), BF16),),
             (Target(("text", "embed_tokens")),),
-            lambda a: [a[0]],
+            _same,
+            _same,
+            row_axis=0,
         ),
         _norm(f"{pre}model.norm.weight", D, Target(("text", "norm", "weight"))),
         _linear(f"{pre}lm_head.weight", V, D, Target(("text", "lm_head"))),
@@ -173,7 +222,9 @@ def text_entries(cfg: K25Config) -> list[Entry]:
             Entry(
                 (Source(f"{p}mlp.gate.e_score_correction_bias", (E,), F32),),
                 (Target(mlp + ("correction_bias",), (i,)),),
-                lambda a: [a[0]],
+                _same,
+                _same,
+                row_axis=0,
             )
         )
         if t.n_shared_experts:
@@ -188,7 +239,7 @@ def text_entries(cfg: K25Config) -> list[Entry]:
 
 
 def _vector(name: str, dim: int, target: Target) -> Entry:
-    return Entry((Source(name, (dim,), BF16),), (target,), lambda a: [a[0]])
+    return Entry((Source(name, (dim,), BF16),), (target,), _same, _same, row_axis=0)
 
 
 def _layer_norm(name: str, dim: int, path: tuple[str, ...], index: tuple[int, ...] = ()) -> list[Entry]:
@@ -213,12 +264,15 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
             (Source("vision_tower.patch_embed.proj.weight", (D, 3, ps, ps), BF16),),
             (Target(tower + ("patch_proj",)),),
             lambda a: [np.ascontiguousarray(a[0].transpose(1, 2, 3, 0))],
+            lambda a: [np.ascontiguousarray(a[0].transpose(3, 0, 1, 2))],
         ),
         _vector("vision_tower.patch_embed.proj.bias", D, Target(tower + ("patch_bias",))),
         Entry(
             (Source("vision_tower.patch_embed.pos_emb.weight", (v.pos_emb_height, v.pos_emb_width, D), BF16),),
             (Target(tower + ("pos_emb",)),),
-            lambda a: [a[0]],
+            _same,
+            _same,
+            row_axis=0,
         ),
     ]
     blocks = tower + ("blocks",)
@@ -231,6 +285,7 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
                 (Source(p + "wqkv.weight", (3 * D, D), BF16),),
                 (Target(blocks + ("qkv_proj",), i),),
                 lambda a: [np.ascontiguousarray(a[0].reshape(3, H, K, D).transpose(3, 0, 1, 2))],
+                lambda a: [np.ascontiguousarray(a[0].transpose(1, 2, 3, 0).reshape(3 * D, D))],
             )
         )
         out.append(
@@ -238,6 +293,7 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
                 (Source(p + "wqkv.bias", (3 * D,), BF16),),
                 (Target(blocks + ("qkv_bias",), i),),
                 lambda a: [a[0].reshape(3, H, K)],
+                lambda a: [a[0].reshape(3 * D)],
             )
         )
         out.append(
@@ -245,6 +301,7 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
                 (Source(p + "wo.weight", (D, D), BF16),),
                 (Target(blocks + ("out_proj",), i),),
                 lambda a: [np.ascontiguousarray(a[0].T.reshape(H, K, D))],
+                lambda a: [np.ascontiguousarray(a[0].reshape(D, D).T)],
             )
         )
         out.append(_vector(p + "wo.bias", D, Target(blocks + ("out_bias",), i)))

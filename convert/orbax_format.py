@@ -1,0 +1,215 @@
+"""The checkpoint on disk: a plain orbax PyTree checkpoint, written array slice by array slice with tensorstore.
+
+Orbax saves a pytree as one array per leaf plus JSON metadata. Saving through orbax needs every array whole in
+memory (a stacked expert weight of K2.5 is 169 GB), so the converter writes the same on-disk format itself:
+
+- the tree is the model's parameter tree as a pure nested dict (``nnx.State.to_pure_dict()``: ``text`` ->
+  ``moe_layers`` -> ``mlp`` -> ``experts`` -> ``gate_proj`` -> ``packed``); leaf ``a/b/c`` is stored in the
+  directory ``a.b.c`` (orbax's parameter name);
+- each leaf is a zarr v2 array (uncompressed, C order; orbax's non-OCDBT layout, ``use_ocdbt: false``,
+  ``use_zarr3: false``), created and written by tensorstore, the storage library orbax itself uses; chunk
+  ``i.j.k`` is a file holding the raw little-endian bytes of that block;
+- ``_METADATA`` (the tree: key paths and per-leaf value metadata), ``array_metadatas/process_0`` and
+  ``_CHECKPOINT_METADATA`` are written as orbax 0.12 writes them; ``tests/test_checkpoint.py`` restores the
+  result with plain orbax calls.
+
+Chunks are aligned to what the converter writes at once: one chunk per stacked slot (layer, expert) at most,
+further split along the dims a sharding would split (vocabulary, heads, MLP widths: the dims the sharding
+rules map to mesh axes) down to :data:`CHUNK_BYTES`, so a restore onto a mesh reads little beyond its shards.
+Uncompressed, because INT4 words and bf16 weights hardly compress and the CPU time would cap the throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from k25jax.sharding import INFERENCE_RULES, TRAIN_RULES
+
+CHUNK_BYTES = 16 << 20  # target size of one chunk file (the 7.3 MB INT4 expert slot of K2.5 is one chunk)
+
+_ZARR_DTYPES = {
+    np.dtype(ml_dtypes.bfloat16): "bfloat16",
+    np.dtype(np.float32): "<f4",
+    np.dtype(np.float16): "<f2",
+    np.dtype(np.int32): "<i4",
+    np.dtype(np.int8): "|i1",
+    np.dtype(np.uint8): "|u1",
+}
+_FROM_ZARR = {v: k for k, v in _ZARR_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One leaf of the checkpoint: its tree path, shape, dtype, chunk shape and number of stacked index dims."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    index_dims: int = 0  # leading dims indexed per slot (layer, expert): chunked one by one
+
+    @property
+    def name(self) -> str:
+        """Orbax's parameter name: the directory of the array."""
+        return ".".join(self.path)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def chunk_grid(self) -> tuple[int, ...]:
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks, strict=True))
+
+    def chunk_keys(self, region: tuple[slice, ...]) -> list[str]:
+        """File names of the chunks a chunk-aligned ``region`` (one slice per dim) covers."""
+        ranges = []
+        for s, c, size in zip(region, self.chunks, self.shape, strict=True):
+            start, stop, _ = s.indices(size)
+            ranges.append(range(start // c, -(-stop // c)))
+        keys = [""]
+        for i, r in enumerate(ranges):
+            keys = [f"{k}{'.' if i else ''}{j}" for k in keys for j in r]
+        return keys
+
+
+def _shard_priority(axis: str | None) -> int:
+    """Lower = split first: dims some sharding strategy maps to a mesh axis."""
+    if axis is not None and INFERENCE_RULES.get(axis) is not None:
+        return 0
+    if axis is not None and TRAIN_RULES.get(axis) is not None:
+        return 1
+    return 2
+
+
+def choose_chunks(
+    shape: tuple[int, ...], dtype, index_dims: int, axes: tuple[str | None, ...] | None = None, cap: int = CHUNK_BYTES
+) -> tuple[int, ...]:
+    """Chunk shape: 1 along the ``index_dims`` leading dims, the slot halved along its shardable dims to ``cap``."""
+    axes = tuple(axes) if axes else (None,) * len(shape)
+    chunks = [1] * index_dims + list(shape[index_dims:])
+    itemsize = np.dtype(dtype).itemsize
+    while math.prod(chunks) * itemsize > cap:
+        candidates = [d for d in range(index_dims, len(shape)) if chunks[d] % 2 == 0 and chunks[d] >= 16]
+        if not candidates:
+            break
+        d = min(candidates, key=lambda d: (_shard_priority(axes[d]), -chunks[d]))
+        chunks[d] //= 2
+    return tuple(max(1, c) for c in chunks)
+
+
+def zarr_dtype(dtype) -> str:
+    try:
+        return _ZARR_DTYPES[np.dtype(dtype)]
+    except KeyError:
+        raise ValueError(f"dtype {np.dtype(dtype)} has no zarr encoding in k25jax checkpoints") from None
+
+
+def zarr_metadata(spec: ArraySpec) -> dict:
+    return {
+        "chunks": list(spec.chunks),
+        "compressor": None,
+        "dimension_separator": ".",
+        "dtype": zarr_dtype(spec.dtype),
+        "fill_value": None,
+        "filters": None,
+        "order": "C",
+        "shape": list(spec.shape),
+        "zarr_format": 2,
+    }
+
+
+def tensorstore_spec(root: str, spec: ArraySpec) -> dict:
+    return {
+        "driver": "zarr",
+        "kvstore": {"driver": "file", "path": os.path.join(root, spec.name) + "/"},
+        "metadata": zarr_metadata(spec),
+    }
+
+
+def read_array_specs(root: str, names: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], ArraySpec]:
+    """The arrays of a checkpoint from their ``.zarray`` files (no data read)."""
+    out = {}
+    for path in names:
+        name = ".".join(path)
+        meta_path = os.path.join(root, name, ".zarray")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path}: unreadable array metadata ({e})") from None
+        dtype = _FROM_ZARR.get(meta.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{meta_path}: dtype {meta.get('dtype')!r} is not one k25jax writes")
+        out[path] = ArraySpec(path, tuple(meta["shape"]), dtype, tuple(meta["chunks"]))
+    return out
+
+
+def tree_paths(root: str) -> list[tuple[str, ...]]:
+    """The leaf key paths recorded in a checkpoint's orbax ``_METADATA``."""
+    meta_path = os.path.join(root, "_METADATA")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        return [tuple(k["key"] for k in leaf["key_metadata"]) for leaf in meta["tree_metadata"].values()]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path}: unreadable orbax tree metadata ({e})") from None
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_orbax_metadata(root: str, specs: Iterable[ArraySpec], init_ns: int) -> list[str]:
+    """Write orbax's metadata files for ``specs`` (as orbax 0.12.8 writes them); return the files written."""
+    specs = list(specs)
+    tree = {}
+    for s in specs:
+        tree[str(tuple(s.path))] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in s.path],  # 2: a dict key
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(s.chunks)},
+        }
+    files = {
+        "_METADATA": {
+            "tree_metadata": tree,
+            "use_ocdbt": False,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        },
+        os.path.join("array_metadatas", "process_0"): {
+            "array_metadatas": [
+                {
+                    "array_metadata": {
+                        "param_name": s.name,
+                        "write_shape": list(s.chunks),
+                        "chunk_shape": list(s.chunks),
+                        "ext_metadata": None,
+                    }
+                }
+                for s in specs
+            ]
+        },
+        "_CHECKPOINT_METADATA": {
+            "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler",
+            "metrics": {},
+            "performance_metrics": {},
+            "init_timestamp_nsecs": init_ns,
+            "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {},
+        },
+    }
+    for rel, obj in files.items():
+        _write_json(os.path.join(root, rel), obj)
+    return list(files)

@@ -1,0 +1,411 @@
+"""``k25jax convert``: a release directory -> an orbax checkpoint of the k25jax parameter tree, streamed.
+
+Work is cut into *units*: one release entry (an INT4 expert projection's packed words + scales + shape, a
+norm, ...) or a block of rows of a big one (the embedding and lm_head, in chunk-sized row blocks). Units run in
+file order through a three-stage pipeline: a reader thread ``pread``\\ s the source bytes, the main thread applies
+the keymap's layout move (transpose, reshape, INT4 repack: never a dtype change) and hands the result to
+tensorstore, whose threads write the chunk files. Both queues are bounded in bytes, so host memory stays at a
+few times the largest unit whatever the model size.
+
+Crash safety (``convert.destination``): the checkpoint is built in ``DST.partial``; finished entries are
+journaled after their chunk files are fsync'd (in batches of :data:`COMMIT_BYTES`); a re-run with the same
+arguments skips journaled entries and rewrites the others (chunk writes are whole-file and idempotent);
+``DST`` appears, by a rename, only once every chunk is on disk and the metadata is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorstore as ts
+from flax import nnx
+from tqdm.auto import tqdm
+
+from convert.destination import Destination
+from convert.from_release import check_tensors
+from convert.keymap import Entry, release_entries
+from convert.orbax_format import ArraySpec, choose_chunks, tensorstore_spec, write_orbax_metadata
+from convert.release import INDEX_NAME, ReleaseError, ReleaseReader
+from k25jax.checkpoint import CHECKPOINT_MARKER, FORMAT_VERSION
+from k25jax.config import ConfigError, K25Config, from_release_config
+from k25jax.model import abstract_model
+
+COMMIT_BYTES = 1 << 30  # fsync + journal at least every GiB of source data (and every COMMIT_SECONDS)
+COMMIT_SECONDS = 10.0
+MIN_BUDGET = 256 << 20  # bytes in flight per pipeline stage (or twice the largest unit, if more)
+PAUSE_ENV = "K25JAX_CONVERT_PAUSE_AFTER"  # tests: stop (sleep) after this many entries are committed
+COPY_LIMIT = 256 << 20  # release side files (tokenizer, templates) up to this size are copied along
+
+
+class ConvertError(ValueError):
+    """A conversion cannot proceed. The message names the file and tensor at fault."""
+
+
+@dataclass
+class Unit:
+    """One piece of work: an entry, or a block ``rows`` of its single source's rows."""
+
+    entry: Entry
+    rows: tuple[int, int] | None
+    nbytes: int
+    order: tuple[int, int]
+    futures: list = field(default_factory=list)  # tensorstore writes in progress
+    values: list = field(default_factory=list)  # the arrays they write (kept alive until done)
+    files: list = field(default_factory=list)  # chunk files written
+
+    @property
+    def value_bytes(self) -> int:
+        return sum(v.nbytes for v in self.values)
+
+
+def checkpoint_specs(cfg: K25Config, entries: list[Entry]) -> dict[tuple[str, ...], ArraySpec]:
+    """The checkpoint's arrays: one per model parameter (shape and dtype of the bf16 model), chunked per slot."""
+    model = abstract_model(cfg)
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    index_dims: dict[tuple[str, ...], int] = {}
+    for e in entries:
+        for t in e.targets:
+            if t.path not in flat:
+                raise KeyError(f"keymap target {'/'.join(t.path)} is not a parameter of the model")
+            index_dims[t.path] = len(t.index)
+    unmapped = set(flat) - set(index_dims)
+    if unmapped:
+        raise KeyError(f"model parameters with no release tensor: {sorted('/'.join(p) for p in unmapped)}")
+    specs = {}
+    for path, var in flat.items():
+        shape, dtype = tuple(var.shape), np.dtype(var.dtype)
+        axes = var.get_metadata().get("out_sharding")
+        chunks = choose_chunks(shape, dtype, index_dims[path], axes)
+        specs[path] = ArraySpec(tuple(str(k) for k in path), shape, dtype, chunks, index_dims[path])
+    return specs
+
+
+def plan_units(reader: ReleaseReader, entries: list[Entry], specs) -> list[Unit]:
+    """Units in the order their bytes lie in the files (the entry's biggest source decides)."""
+    file_index = {f: i for i, f in enumerate(reader.files)}
+    units = []
+    for e in entries:
+        infos = [reader.tensors[s.name] for s in e.sources]
+        big = max(infos, key=lambda i: i.nbytes)
+        order = (file_index[big.file], big.offset)
+        total = sum(i.nbytes for i in infos)
+        if e.row_axis is not None:
+            spec = specs[e.targets[0].path]
+            block = spec.chunks[spec.index_dims + e.row_axis]
+            rows = infos[0].shape[0]
+            if block < rows:
+                for r0 in range(0, rows, block):
+                    r1 = min(rows, r0 + block)
+                    units.append(
+                        Unit(e, (r0, r1), (r1 - r0) * big.row_bytes, (order[0], order[1] + r0 * big.row_bytes))
+                    )
+                continue
+        units.append(Unit(e, None, total, order))
+    units.sort(key=lambda u: u.order)
+    return units
+
+
+def source_fingerprint(reader: ReleaseReader) -> dict:
+    """What identifies a source for resuming: its path, config and index bytes, and its files' sizes."""
+
+    def digest(name):
+        path = os.path.join(reader.path, name)
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    return {
+        "path": os.path.abspath(reader.path),
+        "config": digest("config.json"),
+        "index": digest(INDEX_NAME),
+        "files": {f: reader.file_bytes(f) for f in reader.files},
+    }
+
+
+class _Budget:
+    """Bytes in flight for one pipeline stage; a unit bigger than the budget still passes alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.used and self.used + n > self.limit and not stop.is_set():
+                self.cond.wait(0.1)
+            self.used += n
+            return not stop.is_set()
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def _read_unit(reader: ReleaseReader, unit: Unit) -> list[np.ndarray]:
+    if unit.rows is not None:
+        return [reader.read(unit.entry.sources[0].name, unit.rows)]
+    return [reader.read(s.name) for s in unit.entry.sources]
+
+
+def _reader_thread(reader, units, out: queue.Queue, budget: _Budget, stop: threading.Event) -> None:
+    try:
+        for unit in units:
+            if not budget.acquire(unit.nbytes, stop):
+                return
+            out.put((unit, _read_unit(reader, unit)))
+    except BaseException as e:  # handed to the main thread, which raises it
+        out.put((None, e))
+        return
+    out.put((None, None))
+
+
+def _regions(unit: Unit, specs) -> list[tuple[tuple, ArraySpec]]:
+    """The array region each target value of ``unit`` goes to (slot index, plus the row block if any)."""
+    out = []
+    for t in unit.entry.targets:
+        spec = specs[t.path]
+        trailing = [slice(None)] * (len(spec.shape) - spec.index_dims)
+        if unit.rows is not None:
+            trailing[unit.entry.row_axis] = slice(*unit.rows)
+        out.append(((*t.index, *trailing), spec))
+    return out
+
+
+def _transform(unit: Unit, arrays, specs, reader: ReleaseReader) -> list[tuple[tuple, ArraySpec, np.ndarray]]:
+    entry = unit.entry
+    file = os.path.join(reader.path, reader.tensors[entry.key].file)
+    try:
+        values = entry.load(arrays)
+    except ValueError as err:
+        raise ConvertError(f"{file}: {err}") from None
+    out = []
+    for (region, spec), value in zip(_regions(unit, specs), values, strict=True):
+        expected = tuple(
+            len(range(*r.indices(n))) for r, n in zip(region, spec.shape, strict=True) if isinstance(r, slice)
+        )
+        if value.shape != expected or value.dtype != spec.dtype:
+            raise ConvertError(
+                f"{file}: tensor {entry.key} maps to {value.dtype}{list(value.shape)}, parameter "
+                f"{'/'.join(spec.path)} expects {spec.dtype}{list(expected)}"
+            )
+        out.append((region, spec, value))
+    return out
+
+
+def _copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy the release's small non-weight files (config, tokenizer, templates) so the checkpoint stands alone."""
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if name.endswith(".safetensors") or name == INDEX_NAME or not os.path.isfile(path):
+            continue
+        if os.path.getsize(path) > COPY_LIMIT:
+            continue
+        shutil.copyfile(path, os.path.join(dst, name))
+        copied.append(name)
+    return copied
+
+
+def convert_release(
+    src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False, progress: bool = True, log=None
+) -> dict:
+    """Convert the release directory ``src`` into the orbax checkpoint ``dst``; returns a summary dict.
+
+    Routed experts stay INT4 (repacked to the device layout), everything else keeps its release dtype (bf16;
+    the correction bias float32). Raises :class:`~convert.release.ReleaseError` / :class:`ConvertError` /
+    :class:`~convert.destination.DestinationError` with one-line messages naming the file and tensor.
+    """
+    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    try:
+        cfg = from_release_config(src)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+    reader = ReleaseReader(src)
+    entries = release_entries(cfg)
+    check_tensors(reader, entries)
+    specs = checkpoint_specs(cfg, entries)
+    units = plan_units(reader, entries, specs)
+    dest = Destination(dst, CHECKPOINT_MARKER, "checkpoint", overwrite=overwrite)
+    header = {"format": FORMAT_VERSION, "source": source_fingerprint(reader), "chunks": {}}
+    header["chunks"] = {s.name: list(s.chunks) for s in specs.values()}
+    done = dest.open(header)
+    try:
+        with reader:
+            summary = _run(reader, units, specs, dest, done, progress, log)
+        _finalize(src, dest, reader, specs, cfg, summary)
+    finally:
+        dest.close()
+    return summary
+
+
+def _open_arrays(root: str, specs) -> dict[tuple[str, ...], ts.TensorStore]:
+    context = ts.Context({"file_io_sync": False, "cache_pool": {"total_bytes_limit": 0}})
+    futures = {p: ts.open(tensorstore_spec(root, s), open=True, create=True, context=context) for p, s in specs.items()}
+    return {p: f.result() for p, f in futures.items()}
+
+
+def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool, log) -> dict:
+    stores = _open_arrays(dest.partial, specs)
+    if done:
+        _remove_stale_temp_files(dest.partial, specs)
+    todo = [u for u in units if u.entry.key not in done]
+    units_left: dict[str, int] = {}
+    for u in todo:
+        units_left[u.entry.key] = units_left.get(u.entry.key, 0) + 1
+    total = sum(u.nbytes for u in units)
+    skipped = total - sum(u.nbytes for u in todo)
+    if done:
+        log(f"k25jax convert: resuming {dest.partial}: {len(done)} tensor groups ({skipped / 2**30:.2f} GiB) done")
+    biggest = max((u.nbytes for u in todo), default=0)
+    read_budget, write_budget = _Budget(max(MIN_BUDGET, 2 * biggest)), max(MIN_BUDGET, 2 * biggest)
+    pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
+    commit_bytes = 1 if pause_after else COMMIT_BYTES
+
+    stop = threading.Event()
+    inbox: queue.Queue = queue.Queue()
+    thread = threading.Thread(target=_reader_thread, args=(reader, todo, inbox, read_budget, stop), daemon=True)
+    in_flight: deque[Unit] = deque()
+    state = {"bytes": 0, "keys": [], "files": [], "last": time.monotonic(), "committed": 0, "written": 0}
+    bar = tqdm(
+        total=total, initial=skipped, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
+    )
+
+    def retire(unit: Unit) -> None:
+        for f in unit.futures:
+            f.result()  # raises if the write failed
+        state["written"] += unit.value_bytes
+        unit.futures, unit.values = [], []
+        bar.update(unit.nbytes)
+        state["files"] += unit.files
+        state["bytes"] += unit.nbytes
+        units_left[unit.entry.key] -= 1
+        if units_left[unit.entry.key] == 0:
+            state["keys"].append(unit.entry.key)
+        if state["bytes"] >= commit_bytes or time.monotonic() - state["last"] > COMMIT_SECONDS:
+            commit()
+
+    def commit() -> None:
+        dest.commit(state["keys"], state["files"])
+        state["committed"] += len(state["keys"])
+        state.update(bytes=0, keys=[], files=[], last=time.monotonic())
+        if pause_after and state["committed"] >= pause_after:
+            log(f"k25jax convert: paused after {state['committed']} tensor groups ({PAUSE_ENV})")
+            time.sleep(3600)
+
+    start = time.perf_counter()
+    thread.start()
+    outstanding = 0
+    try:
+        while True:
+            unit, arrays = inbox.get()
+            if unit is None:
+                if isinstance(arrays, BaseException):
+                    raise arrays
+                break
+            writes = _transform(unit, arrays, specs, reader)
+            read_budget.release(unit.nbytes)
+            del arrays
+            for region, spec, value in writes:
+                unit.values.append(value)
+                unit.futures.append(stores[spec.path][region].write(value))
+                root = os.path.join(dest.partial, spec.name)
+                unit.files += [os.path.join(root, k) for k in spec.chunk_keys(_full_region(region, spec))]
+            in_flight.append(unit)
+            outstanding += unit.value_bytes
+            while in_flight and (all(f.done() for f in in_flight[0].futures) or outstanding > write_budget):
+                old = in_flight.popleft()
+                outstanding -= old.value_bytes
+                retire(old)
+        while in_flight:
+            retire(in_flight.popleft())
+        commit()
+    finally:
+        stop.set()
+        bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "source_bytes": total,
+        "converted_bytes": total - skipped,
+        "resumed_bytes": skipped,
+        "written_bytes": state["written"],
+        "seconds": seconds,
+        "entries": len(units_left) + len(done),
+    }
+
+
+def _full_region(region: tuple, spec: ArraySpec) -> tuple[slice, ...]:
+    return tuple(slice(r, r + 1) if isinstance(r, int) else r for r in region) + (slice(None),) * (
+        len(spec.shape) - len(region)
+    )
+
+
+def _remove_stale_temp_files(root: str, specs) -> None:
+    """A write killed mid-way can leave tensorstore's temporary ``*.__lock`` file beside a chunk: drop them."""
+    for spec in specs.values():
+        folder = os.path.join(root, spec.name)
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.endswith(".__lock"):
+                os.remove(os.path.join(folder, name))
+
+
+def _check_complete(root: str, specs) -> None:
+    for spec in specs.values():
+        folder = os.path.join(root, spec.name)
+        have = sum(1 for n in os.listdir(folder) if not n.startswith("."))
+        want = math.prod(spec.chunk_grid())
+        if have != want:  # cannot happen when every entry was written; an internal consistency check
+            raise ConvertError(f"{folder}: {have} chunk files, expected {want}")
+
+
+def _finalize(src: str, dest: Destination, reader: ReleaseReader, specs, cfg: K25Config, summary: dict) -> None:
+    root = dest.partial
+    _check_complete(root, specs)
+    copied = _copy_side_files(src, root)
+    init_ns = time.time_ns()
+    written = write_orbax_metadata(root, specs.values(), init_ns)
+    marker = {
+        "format": FORMAT_VERSION,
+        "model": cfg.name,
+        "tree": "nnx.State.to_pure_dict() of k25jax.K25 (bf16 parameters, INT4 experts as packed/scales)",
+        "release_files": copied,
+        "source": {
+            "path": src,
+            "index_metadata": _index_metadata(src),
+            "shards": {f: {"metadata": reader.file_metadata(f), "tensors": reader.file_order(f)} for f in reader.files},
+        },
+        "arrays": {
+            s.name: {"shape": list(s.shape), "dtype": str(s.dtype), "chunks": list(s.chunks)} for s in specs.values()
+        },
+    }
+    with open(os.path.join(root, CHECKPOINT_MARKER), "w", encoding="utf-8") as f:
+        json.dump(marker, f)
+        f.flush()
+        os.fsync(f.fileno())
+    dest.commit([], [os.path.join(root, n) for n in copied] + [os.path.join(root, n) for n in written])
+    dest.finish()
+    summary["path"] = dest.path
+
+
+def _index_metadata(src: str):
+    path = os.path.join(src, INDEX_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("metadata")
+
+
+__all__ = ["ConvertError", "ReleaseError", "checkpoint_specs", "convert_release", "plan_units"]
