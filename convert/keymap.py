@@ -15,6 +15,7 @@ import numpy as np
 
 from k25jax import quant
 from k25jax.config import K25Config, TextConfig, VisionConfig
+from k25jax.transpose import transpose2d
 
 # safetensors dtype names
 BF16, F32, I32 = "BF16", "F32", "I32"
@@ -48,6 +49,11 @@ class Entry:
     the target slot (plain transposes and copies): ``load`` of a row block ``source[r0:r1]`` is the slot
     restricted to ``[r0:r1]`` on ``row_axis``, and ``store`` maps that block back. Converters use it to stream
     big tensors (the 2.3 GB embedding and lm_head) in row blocks instead of whole.
+
+    ``load_view``: set where every target slot is the 2-D transpose of a source (``[out, in]`` -> ``[in, out]``,
+    INT4 words after their nibble flip, INT4 scales): it returns the targets as transposed *views*, whose
+    Fortran-order bytes are the source bytes. The converter stores such arrays in Fortran order and so writes
+    the release bytes without a transpose (the transpose happens, fused with the copy, when a restore reads).
     """
 
     sources: tuple[Source, ...]
@@ -56,6 +62,7 @@ class Entry:
     store: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
     kind: str = "dense"  # "dense" | "expert" (INT4 packed or plain routed-expert weight)
     row_axis: int | None = None
+    load_view: Callable[[Sequence[np.ndarray]], list[np.ndarray]] | None = None
 
     @property
     def key(self) -> str:
@@ -64,7 +71,8 @@ class Entry:
 
 
 def _t(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.T)
+    """The 2-D transpose, as a contiguous copy (every layout move below is one, plus free reshapes)."""
+    return transpose2d(a)
 
 
 def _same(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -73,6 +81,10 @@ def _same(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 def _transposed(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [_t(arrays[0])]
+
+
+def _transposed_view(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [arrays[0].T]
 
 
 def text_prefix(cfg: K25Config) -> str:
@@ -88,7 +100,8 @@ def layer_slot(t: TextConfig, layer: int) -> tuple[str, int]:
 
 def _linear(name: str, out_dim: int, in_dim: int, target: Target) -> Entry:
     """``[out, in]`` -> ``[in, out]``: source row ``o`` is slot column ``o``."""
-    return Entry((Source(name, (out_dim, in_dim), BF16),), (target,), _transposed, _transposed, row_axis=1)
+    source = Source(name, (out_dim, in_dim), BF16)
+    return Entry((source,), (target,), _transposed, _transposed, row_axis=1, load_view=_transposed_view)
 
 
 def _norm(name: str, dim: int, target: Target) -> Entry:
@@ -104,10 +117,10 @@ def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) ->
         return Target(a + names, (i,))
 
     def per_head_in(arr):  # [H*K, in] -> [in, H, K]
-        return [np.ascontiguousarray(arr[0].reshape(H, Kqk, -1).transpose(2, 0, 1))]
+        return [_t(arr[0]).reshape(-1, H, Kqk)]
 
     def per_head_out(arr):  # [in, H, K] -> [H*K, in]
-        return [np.ascontiguousarray(arr[0].transpose(1, 2, 0).reshape(H * Kqk, -1))]
+        return [_t(arr[0].reshape(-1, H * Kqk))]
 
     out: list[Entry] = []
     if t.q_lora_rank is None:
@@ -125,12 +138,11 @@ def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) ->
     out.append(_norm(f"{p}kv_a_layernorm.weight", C, tgt("kv_a_norm", "weight")))
 
     def split_kv_b(arr):  # [H*(Kn+Kv), C] -> k_up [C, H, Kn], v_up [C, H, Kv]
-        w = arr[0].reshape(H, Kn + Kv, C).transpose(2, 0, 1)
+        w = _t(arr[0]).reshape(C, H, Kn + Kv)
         return [np.ascontiguousarray(w[..., :Kn]), np.ascontiguousarray(w[..., Kn:])]
 
     def join_kv_b(arr):  # k_up [C, H, Kn], v_up [C, H, Kv] -> [H*(Kn+Kv), C]
-        w = np.concatenate([arr[0], arr[1]], axis=-1)
-        return [np.ascontiguousarray(w.transpose(1, 2, 0).reshape(H * (Kn + Kv), C))]
+        return [_t(np.concatenate([arr[0], arr[1]], axis=-1).reshape(C, H * (Kn + Kv)))]
 
     out.append(
         Entry(
@@ -144,8 +156,8 @@ def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) ->
         Entry(
             (Source(f"{p}o_proj.weight", (D, H * Kv), BF16),),
             (tgt("o_proj"),),
-            lambda arr: [np.ascontiguousarray(arr[0].T.reshape(H, Kv, D))],  # [D, H*Kv] -> [H, Kv, D]
-            lambda arr: [np.ascontiguousarray(arr[0].reshape(H * Kv, D).T)],
+            lambda arr: [_t(arr[0]).reshape(H, Kv, D)],  # [D, H*Kv] -> [H, Kv, D]
+            lambda arr: [_t(arr[0].reshape(H * Kv, D))],
         )
     )
     return out
@@ -168,7 +180,7 @@ def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Tar
     q = cfg.quantization
     if q is None:
         source = Source(f"{p}.weight", (out_dim, in_dim), BF16)
-        return Entry((source,), (target,), _transposed, _transposed, "expert", row_axis=1)
+        return Entry((source,), (target,), _transposed, _transposed, "expert", 1, _transposed_view)
     words = -(-in_dim // quant.NIBBLES_PER_WORD)
     sources = (
         Source(f"{p}.weight_packed", (out_dim, words), I32),
@@ -176,18 +188,26 @@ def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Tar
         Source(f"{p}.weight_shape", (2,), I32),
     )
 
-    def load(arrays):
-        packed, scale, shape = arrays
+    def check_shape(shape):
         if tuple(int(s) for s in shape) != (out_dim, in_dim):
             raise ValueError(f"tensor {p}.weight_shape holds {[int(s) for s in shape]}, expected {[out_dim, in_dim]}")
+
+    def load(arrays):
+        packed, scale, shape = arrays
+        check_shape(shape)
         return list(quant.release_to_device(packed, scale))
 
     def store(arrays):
         packed, scale = quant.device_to_release(*arrays)
         return [packed, scale, np.array([out_dim, in_dim], np.int32)]
 
+    def load_view(arrays):
+        packed, scale, shape = arrays
+        check_shape(shape)
+        return [quant.flip_nibbles(packed, inplace=True).T, scale.T[:, None, :]]  # the converter's own buffer
+
     targets = (Target(target.path + ("packed",), target.index), Target(target.path + ("scales",), target.index))
-    return Entry(sources, targets, load, store, "expert")
+    return Entry(sources, targets, load, store, "expert", load_view=load_view)
 
 
 def text_entries(cfg: K25Config) -> list[Entry]:
@@ -263,8 +283,8 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
         Entry(  # Conv2d weight [D, 3, ps, ps] -> [3, ps, ps, D]
             (Source("vision_tower.patch_embed.proj.weight", (D, 3, ps, ps), BF16),),
             (Target(tower + ("patch_proj",)),),
-            lambda a: [np.ascontiguousarray(a[0].transpose(1, 2, 3, 0))],
-            lambda a: [np.ascontiguousarray(a[0].transpose(3, 0, 1, 2))],
+            lambda a: [_t(a[0].reshape(D, -1)).reshape(3, ps, ps, D)],
+            lambda a: [_t(a[0].reshape(-1, D)).reshape(D, 3, ps, ps)],
         ),
         _vector("vision_tower.patch_embed.proj.bias", D, Target(tower + ("patch_bias",))),
         Entry(
@@ -284,8 +304,8 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
             Entry(  # [3*H*K, D] -> [D, 3, H, K]
                 (Source(p + "wqkv.weight", (3 * D, D), BF16),),
                 (Target(blocks + ("qkv_proj",), i),),
-                lambda a: [np.ascontiguousarray(a[0].reshape(3, H, K, D).transpose(3, 0, 1, 2))],
-                lambda a: [np.ascontiguousarray(a[0].transpose(1, 2, 3, 0).reshape(3 * D, D))],
+                lambda a: [_t(a[0]).reshape(D, 3, H, K)],
+                lambda a: [_t(a[0].reshape(D, 3 * D))],
             )
         )
         out.append(
@@ -300,8 +320,8 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
             Entry(  # [D, H*K] -> [H, K, D]
                 (Source(p + "wo.weight", (D, D), BF16),),
                 (Target(blocks + ("out_proj",), i),),
-                lambda a: [np.ascontiguousarray(a[0].T.reshape(H, K, D))],
-                lambda a: [np.ascontiguousarray(a[0].reshape(D, D).T)],
+                lambda a: [_t(a[0]).reshape(H, K, D)],
+                lambda a: [_t(a[0].reshape(D, D))],
             )
         )
         out.append(_vector(p + "wo.bias", D, Target(blocks + ("out_bias",), i)))

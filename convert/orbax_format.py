@@ -6,9 +6,16 @@ memory (a stacked expert weight of K2.5 is 169 GB), so the converter writes the 
 - the tree is the model's parameter tree as a pure nested dict (``nnx.State.to_pure_dict()``: ``text`` ->
   ``moe_layers`` -> ``mlp`` -> ``experts`` -> ``gate_proj`` -> ``packed``); leaf ``a/b/c`` is stored in the
   directory ``a.b.c`` (orbax's parameter name);
-- each leaf is a zarr v2 array (uncompressed, C order; orbax's non-OCDBT layout, ``use_ocdbt: false``,
-  ``use_zarr3: false``), created and written by tensorstore, the storage library orbax itself uses; chunk
-  ``i.j.k`` is a file holding the raw little-endian bytes of that block;
+- each leaf is a zarr v2 array (uncompressed; orbax's non-OCDBT layout, ``use_ocdbt: false``,
+  ``use_zarr3: false``): a ``.zarray`` JSON file and one file per chunk ``i.j.k`` holding the raw
+  little-endian bytes of that block in the array's order (edge chunks padded to the full chunk shape). The
+  converter writes chunk files itself (:func:`write_chunks`: temporary file + rename, so a chunk is whole or
+  absent) because tensorstore's writer cost ~6x more system time per byte on the dev box; tensorstore and
+  orbax read them (``tests/test_checkpoint.py`` restores with plain orbax calls);
+- arrays that are 2-D transposes of release tensors (every ``[in, out]`` linear weight, the INT4 expert words
+  and scales: 97% of K2.5's bytes) use zarr's Fortran chunk order, in which a chunk's bytes *are* the release
+  tensor's row-major bytes: converting them is a copy (plus the INT4 nibble flip), and the transpose happens
+  inside the copy a restore makes anyway (tensorstore decodes chunks into the requested C-order arrays);
 - ``_METADATA`` (the tree: key paths and per-leaf value metadata), ``array_metadatas/process_0`` and
   ``_CHECKPOINT_METADATA`` are written as orbax 0.12 writes them; ``tests/test_checkpoint.py`` restores the
   result with plain orbax calls.
@@ -21,6 +28,7 @@ Uncompressed, because INT4 words and bf16 weights hardly compress and the CPU ti
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -33,6 +41,8 @@ import numpy as np
 
 from k25jax.sharding import INFERENCE_RULES, TRAIN_RULES
 
+TMP_SUFFIX = ".k25tmp"  # a chunk being written; renamed when whole
+RELEASE_INDEX = "release_index.json"  # the source release's index, kept for export
 CHUNK_BYTES = 16 << 20  # target size of one chunk file (the 7.3 MB INT4 expert slot of K2.5 is one chunk)
 
 _ZARR_DTYPES = {
@@ -55,6 +65,7 @@ class ArraySpec:
     dtype: np.dtype
     chunks: tuple[int, ...]
     index_dims: int = 0  # leading dims indexed per slot (layer, expert): chunked one by one
+    order: str = "C"  # zarr chunk order: "C" or "F" (Fortran: for arrays written from transposed views)
 
     @property
     def name(self) -> str:
@@ -120,7 +131,7 @@ def zarr_metadata(spec: ArraySpec) -> dict:
         "dtype": zarr_dtype(spec.dtype),
         "fill_value": None,
         "filters": None,
-        "order": "C",
+        "order": spec.order,
         "shape": list(spec.shape),
         "zarr_format": 2,
     }
@@ -132,6 +143,67 @@ def tensorstore_spec(root: str, spec: ArraySpec) -> dict:
         "kvstore": {"driver": "file", "path": os.path.join(root, spec.name) + "/"},
         "metadata": zarr_metadata(spec),
     }
+
+
+def write_zarray(root: str, spec: ArraySpec) -> None:
+    """Create the array directory and its ``.zarray`` (idempotent; an existing different one is an error)."""
+    folder = os.path.join(root, spec.name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".zarray")
+    meta = zarr_metadata(spec)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == meta:
+                return
+        raise ValueError(f"{path}: array metadata differs from what this conversion writes")
+    with open(path + TMP_SUFFIX, "w", encoding="utf-8") as f:
+        json.dump(meta, f, sort_keys=True, separators=(",", ":"))
+    os.replace(path + TMP_SUFFIX, path)
+
+
+def _raw_bytes(block: np.ndarray, order: str) -> memoryview:
+    """The bytes of ``block`` laid out in ``order`` (no copy when it already is)."""
+    flat = block.reshape(-1, order=order) if block.flags[f"{order}_CONTIGUOUS"] else None
+    if flat is None:
+        flat = (np.asfortranarray(block) if order == "F" else np.ascontiguousarray(block)).reshape(-1, order=order)
+    return memoryview(flat.view(np.uint8))
+
+
+def write_chunks(root: str, spec: ArraySpec, region: tuple[slice, ...], value: np.ndarray) -> list[str]:
+    """Write the chunk files covering the chunk-aligned ``region`` (one slice per dim) from ``value``.
+
+    ``value`` has the region's shape (any strides). Each chunk goes to a temporary file renamed into place.
+    Returns the chunk file paths.
+    """
+    folder = os.path.join(root, spec.name)
+    bounds = [s.indices(n)[:2] for s, n in zip(region, spec.shape, strict=True)]
+    grids = [range(a // c, -(-b // c)) for (a, b), c in zip(bounds, spec.chunks, strict=True)]
+    value = value.reshape([b - a for a, b in bounds])
+    written = []
+    for idx in itertools.product(*grids):
+        lo = [i * c for i, c in zip(idx, spec.chunks, strict=True)]
+        hi = [min(n, a + c) for a, c, n in zip(lo, spec.chunks, spec.shape, strict=True)]
+        block = value[tuple(slice(a - b0, h - b0) for a, h, (b0, _) in zip(lo, hi, bounds, strict=True))]
+        if block.shape != spec.chunks:  # an edge chunk: zarr v2 stores it padded to the full chunk shape
+            full = np.zeros(spec.chunks, block.dtype, order=spec.order)
+            full[tuple(slice(0, n) for n in block.shape)] = block
+            block = full
+        path = os.path.join(folder, ".".join(str(i) for i in idx))
+        _write_file(path, _raw_bytes(block, spec.order))
+        written.append(path)
+    return written
+
+
+def _write_file(path: str, data: memoryview) -> None:
+    tmp = path + TMP_SUFFIX
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def read_array_specs(root: str, names: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], ArraySpec]:
@@ -148,7 +220,7 @@ def read_array_specs(root: str, names: Iterable[tuple[str, ...]]) -> dict[tuple[
         dtype = _FROM_ZARR.get(meta.get("dtype"))
         if dtype is None:
             raise ValueError(f"{meta_path}: dtype {meta.get('dtype')!r} is not one k25jax writes")
-        out[path] = ArraySpec(path, tuple(meta["shape"]), dtype, tuple(meta["chunks"]))
+        out[path] = ArraySpec(path, tuple(meta["shape"]), dtype, tuple(meta["chunks"]), order=meta.get("order", "C"))
     return out
 
 

@@ -203,6 +203,15 @@ class ReleaseReader:
             shape, offset = (r1 - r0, *info.shape[1:]), offset + r0 * info.row_bytes
         return pread_into(self._fd(info.file), np.empty(shape, dtype), offset, f"{path}: tensor {name}")
 
+    def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Ask the kernel to start reading a tensor (or rows of it) now (``POSIX_FADV_WILLNEED``); no wait."""
+        info = self.tensors[name]
+        offset, length = info.offset, info.nbytes
+        if rows is not None:
+            offset, length = offset + rows[0] * info.row_bytes, (rows[1] - rows[0]) * info.row_bytes
+        if hasattr(os, "posix_fadvise") and length:
+            os.posix_fadvise(self._fd(info.file), offset, length, os.POSIX_FADV_WILLNEED)
+
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:

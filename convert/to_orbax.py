@@ -3,9 +3,9 @@
 Work is cut into *units*: one release entry (an INT4 expert projection's packed words + scales + shape, a
 norm, ...) or a block of rows of a big one (the embedding and lm_head, in chunk-sized row blocks). Units run in
 file order through a three-stage pipeline: a reader thread ``pread``\\ s the source bytes, the main thread applies
-the keymap's layout move (transpose, reshape, INT4 repack: never a dtype change) and hands the result to
-tensorstore, whose threads write the chunk files. Both queues are bounded in bytes, so host memory stays at a
-few times the largest unit whatever the model size.
+the keymap's layout move (a transposed *view* for the 97% of bytes stored in Fortran order, otherwise transpose or
+reshape, the INT4 nibble flip: never a dtype change) and writer threads write the chunk files. The stages are
+bounded in bytes, so host memory stays at a few times the largest unit whatever the model size.
 
 Crash safety (``convert.destination``): the checkpoint is built in ``DST.partial``; finished entries are
 journaled after their chunk files are fsync'd (in batches of :data:`COMMIT_BYTES`); a re-run with the same
@@ -25,17 +25,25 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import tensorstore as ts
 from flax import nnx
 from tqdm.auto import tqdm
 
 from convert.destination import Destination
 from convert.from_release import check_tensors
 from convert.keymap import Entry, release_entries
-from convert.orbax_format import ArraySpec, choose_chunks, tensorstore_spec, write_orbax_metadata
+from convert.orbax_format import (
+    RELEASE_INDEX,
+    TMP_SUFFIX,
+    ArraySpec,
+    choose_chunks,
+    write_chunks,
+    write_orbax_metadata,
+    write_zarray,
+)
 from convert.release import INDEX_NAME, ReleaseError, ReleaseReader
 from k25jax.checkpoint import CHECKPOINT_MARKER, FORMAT_VERSION
 from k25jax.config import ConfigError, K25Config, from_release_config
@@ -43,6 +51,7 @@ from k25jax.model import abstract_model
 
 COMMIT_BYTES = 1 << 30  # fsync + journal at least every GiB of source data (and every COMMIT_SECONDS)
 COMMIT_SECONDS = 10.0
+PREFETCH_BYTES = 128 << 20  # source bytes announced to the kernel ahead of the reads (queue depth > 1)
 MIN_BUDGET = 256 << 20  # bytes in flight per pipeline stage (or twice the largest unit, if more)
 PAUSE_ENV = "K25JAX_CONVERT_PAUSE_AFTER"  # tests: stop (sleep) after this many entries are committed
 COPY_LIMIT = 256 << 20  # release side files (tokenizer, templates) up to this size are copied along
@@ -60,7 +69,7 @@ class Unit:
     rows: tuple[int, int] | None
     nbytes: int
     order: tuple[int, int]
-    futures: list = field(default_factory=list)  # tensorstore writes in progress
+    futures: list = field(default_factory=list)  # chunk writes in progress (each returns its files)
     values: list = field(default_factory=list)  # the arrays they write (kept alive until done)
     files: list = field(default_factory=list)  # chunk files written
 
@@ -74,11 +83,13 @@ def checkpoint_specs(cfg: K25Config, entries: list[Entry]) -> dict[tuple[str, ..
     model = abstract_model(cfg)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     index_dims: dict[tuple[str, ...], int] = {}
+    fortran: dict[tuple[str, ...], bool] = {}
     for e in entries:
         for t in e.targets:
             if t.path not in flat:
                 raise KeyError(f"keymap target {'/'.join(t.path)} is not a parameter of the model")
             index_dims[t.path] = len(t.index)
+            fortran[t.path] = fortran.get(t.path, True) and e.load_view is not None
     unmapped = set(flat) - set(index_dims)
     if unmapped:
         raise KeyError(f"model parameters with no release tensor: {sorted('/'.join(p) for p in unmapped)}")
@@ -87,7 +98,8 @@ def checkpoint_specs(cfg: K25Config, entries: list[Entry]) -> dict[tuple[str, ..
         shape, dtype = tuple(var.shape), np.dtype(var.dtype)
         axes = var.get_metadata().get("out_sharding")
         chunks = choose_chunks(shape, dtype, index_dims[path], axes)
-        specs[path] = ArraySpec(tuple(str(k) for k in path), shape, dtype, chunks, index_dims[path])
+        order = "F" if fortran[path] else "C"
+        specs[path] = ArraySpec(tuple(str(k) for k in path), shape, dtype, chunks, index_dims[path], order)
     return specs
 
 
@@ -160,9 +172,25 @@ def _read_unit(reader: ReleaseReader, unit: Unit) -> list[np.ndarray]:
     return [reader.read(s.name) for s in unit.entry.sources]
 
 
+def _prefetch(reader: ReleaseReader, unit: Unit) -> None:
+    if unit.rows is not None:
+        reader.prefetch(unit.entry.sources[0].name, unit.rows)
+    else:
+        for s in unit.entry.sources:
+            reader.prefetch(s.name)
+
+
 def _reader_thread(reader, units, out: queue.Queue, budget: _Budget, stop: threading.Event) -> None:
+    ahead, ahead_bytes = 0, 0  # units [i, ahead) have been handed to the kernel's readahead
     try:
-        for unit in units:
+        for i, unit in enumerate(units):
+            if ahead <= i:
+                ahead, ahead_bytes = i, 0
+            ahead_bytes -= unit.nbytes if ahead > i else 0
+            while ahead < len(units) and ahead_bytes < PREFETCH_BYTES:
+                _prefetch(reader, units[ahead])
+                ahead_bytes += units[ahead].nbytes
+                ahead += 1
             if not budget.acquire(unit.nbytes, stop):
                 return
             out.put((unit, _read_unit(reader, unit)))
@@ -187,8 +215,9 @@ def _regions(unit: Unit, specs) -> list[tuple[tuple, ArraySpec]]:
 def _transform(unit: Unit, arrays, specs, reader: ReleaseReader) -> list[tuple[tuple, ArraySpec, np.ndarray]]:
     entry = unit.entry
     file = os.path.join(reader.path, reader.tensors[entry.key].file)
+    fortran = specs[entry.targets[0].path].order == "F"
     try:
-        values = entry.load(arrays)
+        values = entry.load_view(arrays) if fortran else entry.load(arrays)
     except ValueError as err:
         raise ConvertError(f"{file}: {err}") from None
     out = []
@@ -252,14 +281,15 @@ def convert_release(
     return summary
 
 
-def _open_arrays(root: str, specs) -> dict[tuple[str, ...], ts.TensorStore]:
-    context = ts.Context({"file_io_sync": False, "cache_pool": {"total_bytes_limit": 0}})
-    futures = {p: ts.open(tensorstore_spec(root, s), open=True, create=True, context=context) for p, s in specs.items()}
-    return {p: f.result() for p, f in futures.items()}
+WRITERS = 2  # chunk-writing threads (the write syscalls release the GIL)
 
 
 def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool, log) -> dict:
-    stores = _open_arrays(dest.partial, specs)
+    for spec in specs.values():
+        try:
+            write_zarray(dest.partial, spec)
+        except ValueError as e:
+            raise ConvertError(f"{e}; pass --overwrite to start over") from None
     if done:
         _remove_stale_temp_files(dest.partial, specs)
     todo = [u for u in units if u.entry.key not in done]
@@ -278,36 +308,31 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
     stop = threading.Event()
     inbox: queue.Queue = queue.Queue()
     thread = threading.Thread(target=_reader_thread, args=(reader, todo, inbox, read_budget, stop), daemon=True)
+    committer = _Committer(dest, pause_after, log)
     in_flight: deque[Unit] = deque()
-    state = {"bytes": 0, "keys": [], "files": [], "last": time.monotonic(), "committed": 0, "written": 0}
+    state = {"bytes": 0, "keys": [], "files": [], "last": time.monotonic(), "written": 0}
     bar = tqdm(
         total=total, initial=skipped, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
     )
 
     def retire(unit: Unit) -> None:
         for f in unit.futures:
-            f.result()  # raises if the write failed
+            state["files"] += f.result()  # raises if the write failed
         state["written"] += unit.value_bytes
         unit.futures, unit.values = [], []
         bar.update(unit.nbytes)
-        state["files"] += unit.files
         state["bytes"] += unit.nbytes
         units_left[unit.entry.key] -= 1
         if units_left[unit.entry.key] == 0:
             state["keys"].append(unit.entry.key)
         if state["bytes"] >= commit_bytes or time.monotonic() - state["last"] > COMMIT_SECONDS:
-            commit()
-
-    def commit() -> None:
-        dest.commit(state["keys"], state["files"])
-        state["committed"] += len(state["keys"])
-        state.update(bytes=0, keys=[], files=[], last=time.monotonic())
-        if pause_after and state["committed"] >= pause_after:
-            log(f"k25jax convert: paused after {state['committed']} tensor groups ({PAUSE_ENV})")
-            time.sleep(3600)
+            committer.submit(state["keys"], state["files"])
+            state.update(bytes=0, keys=[], files=[], last=time.monotonic())
 
     start = time.perf_counter()
     thread.start()
+    committer.start()
+    writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="k25jax-write")
     outstanding = 0
     try:
         while True:
@@ -321,9 +346,7 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
             del arrays
             for region, spec, value in writes:
                 unit.values.append(value)
-                unit.futures.append(stores[spec.path][region].write(value))
-                root = os.path.join(dest.partial, spec.name)
-                unit.files += [os.path.join(root, k) for k in spec.chunk_keys(_full_region(region, spec))]
+                unit.futures.append(writers.submit(write_chunks, dest.partial, spec, _full_region(region, spec), value))
             in_flight.append(unit)
             outstanding += unit.value_bytes
             while in_flight and (all(f.done() for f in in_flight[0].futures) or outstanding > write_budget):
@@ -332,9 +355,12 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
                 retire(old)
         while in_flight:
             retire(in_flight.popleft())
-        commit()
+        committer.submit(state["keys"], state["files"])
+        committer.finish()
     finally:
         stop.set()
+        writers.shutdown(wait=True, cancel_futures=True)
+        committer.stop()
         bar.close()
     seconds = time.perf_counter() - start
     return {
@@ -347,6 +373,49 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
     }
 
 
+class _Committer(threading.Thread):
+    """Makes finished work durable off the main thread: fsync the chunk files, then journal the entries.
+
+    Commits run in submission order; the journal therefore only ever names entries whose files are synced.
+    """
+
+    def __init__(self, dest: Destination, pause_after: int, log):
+        super().__init__(daemon=True)
+        self.dest, self.pause_after, self.log = dest, pause_after, log
+        self.jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.committed = 0
+
+    def submit(self, keys: list[str], files: list[str]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put((list(keys), list(files)))
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                self.dest.commit(*job)
+            except BaseException as e:  # raised in the main thread by the next submit / finish
+                self.error = e
+                continue
+            self.committed += len(job[0])
+            if self.pause_after and self.committed >= self.pause_after:
+                self.log(f"k25jax convert: paused after {self.committed} tensor groups ({PAUSE_ENV})")
+                time.sleep(3600)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.is_alive():
+            self.jobs.put(None)
+
+
 def _full_region(region: tuple, spec: ArraySpec) -> tuple[slice, ...]:
     return tuple(slice(r, r + 1) if isinstance(r, int) else r for r in region) + (slice(None),) * (
         len(spec.shape) - len(region)
@@ -354,18 +423,18 @@ def _full_region(region: tuple, spec: ArraySpec) -> tuple[slice, ...]:
 
 
 def _remove_stale_temp_files(root: str, specs) -> None:
-    """A write killed mid-way can leave tensorstore's temporary ``*.__lock`` file beside a chunk: drop them."""
+    """A write killed mid-way leaves its temporary file beside the chunk: drop them."""
     for spec in specs.values():
         folder = os.path.join(root, spec.name)
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.endswith(".__lock"):
+            if name.endswith(TMP_SUFFIX):
                 os.remove(os.path.join(folder, name))
 
 
 def _check_complete(root: str, specs) -> None:
     for spec in specs.values():
         folder = os.path.join(root, spec.name)
-        have = sum(1 for n in os.listdir(folder) if not n.startswith("."))
+        have = sum(1 for n in os.listdir(folder) if not n.startswith(".") and not n.endswith(TMP_SUFFIX))
         want = math.prod(spec.chunk_grid())
         if have != want:  # cannot happen when every entry was written; an internal consistency check
             raise ConvertError(f"{folder}: {have} chunk files, expected {want}")
@@ -375,6 +444,11 @@ def _finalize(src: str, dest: Destination, reader: ReleaseReader, specs, cfg: K2
     root = dest.partial
     _check_complete(root, specs)
     copied = _copy_side_files(src, root)
+    if os.path.exists(os.path.join(src, INDEX_NAME)):
+        shutil.copyfile(os.path.join(src, INDEX_NAME), os.path.join(root, RELEASE_INDEX))
+        copied_index = [RELEASE_INDEX]
+    else:
+        copied_index = []
     init_ns = time.time_ns()
     written = write_orbax_metadata(root, specs.values(), init_ns)
     marker = {
@@ -384,7 +458,6 @@ def _finalize(src: str, dest: Destination, reader: ReleaseReader, specs, cfg: K2
         "release_files": copied,
         "source": {
             "path": src,
-            "index_metadata": _index_metadata(src),
             "shards": {f: {"metadata": reader.file_metadata(f), "tensors": reader.file_order(f)} for f in reader.files},
         },
         "arrays": {
@@ -395,17 +468,9 @@ def _finalize(src: str, dest: Destination, reader: ReleaseReader, specs, cfg: K2
         json.dump(marker, f)
         f.flush()
         os.fsync(f.fileno())
-    dest.commit([], [os.path.join(root, n) for n in copied] + [os.path.join(root, n) for n in written])
+    dest.commit([], [os.path.join(root, n) for n in copied + copied_index + written])
     dest.finish()
     summary["path"] = dest.path
-
-
-def _index_metadata(src: str):
-    path = os.path.join(src, INDEX_NAME)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("metadata")
 
 
 __all__ = ["ConvertError", "ReleaseError", "checkpoint_specs", "convert_release", "plan_units"]

@@ -54,7 +54,13 @@ def _generate_registrars():
     return [register_generate, register_chat]
 
 
-REGISTRARS = [register_forward, *_generate_registrars()]
+def _convert_registrars():
+    from convert.cli import REGISTRARS as convert_registrars  # the converters live in the convert package
+
+    return convert_registrars
+
+
+REGISTRARS = [register_forward, *_generate_registrars(), *_convert_registrars()]
 
 
 def main(argv: list[str] | None = None) -> int:
