@@ -10,9 +10,11 @@ tensors), then, side by side in one run:
 1. ``cat`` of every shard file to ``/dev/null``, page cache dropped first (``/proc/sys/vm/drop_caches``; when
    that is not writable, both runs read warm files instead: each file is read once before both, and the report
    says which);
-2. ``k25jax convert`` of the same directory in a child process, page cache dropped first, timed from the call to
+2. ``cp`` of the same files to another directory then ``sync`` (page cache dropped first): the floor for any
+   converter, which must read and write every byte;
+3. ``k25jax convert`` of the same directory in a child process, page cache dropped first, timed from the call to
    the finished (fsync'd, renamed) checkpoint; peak RSS of that child from ``wait4``;
-3. ``k25jax export`` back, timed the same way, with a byte comparison of the exported shards to the originals.
+4. ``k25jax export`` back, timed the same way, with a byte comparison of the exported shards to the originals.
 
 Targets (issue 4): conversion >= 0.5x raw read throughput; peak RSS <= 1.5 x the largest shard + 1 GB.
 """
@@ -107,6 +109,17 @@ def raw_read(files: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def raw_copy(files: list[str], out: str) -> float:
+    """``cp`` of the files then ``sync``: what any conversion must at least do (read and write every byte)."""
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    subprocess.run(["cp", *files, out], check=True)
+    os.sync()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out)
+    return seconds
+
+
 def run_child(args: list[str]) -> tuple[dict, int, float]:
     """Run ``python -m convert.bench --child ...``; returns (its JSON result, peak RSS bytes, wall seconds)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -173,6 +186,9 @@ def main(argv=None) -> int:
     raw_s = raw_read(files)
     if cold:
         drop_caches()
+    copy_s = raw_copy(files, os.path.join(args.dir, "copy"))
+    if cold:
+        drop_caches()
     conv, conv_rss, conv_wall = run_child(["convert", src, ckpt])
     if cold:
         drop_caches()
@@ -181,6 +197,7 @@ def main(argv=None) -> int:
 
     gb = total / 1e9
     raw_rate, conv_rate, exp_rate = gb / raw_s, gb / conv["seconds"], gb / exp["seconds"]
+    copy_rate = gb / copy_s
     rss_limit = 1.5 * largest + 1e9
     ckpt_bytes = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(ckpt) for n in ns)
     result = {
@@ -191,6 +208,9 @@ def main(argv=None) -> int:
         "largest_shard_gb": round(largest / 1e9, 3),
         "raw_read_s": round(raw_s, 2),
         "raw_read_gb_s": round(raw_rate, 3),
+        "copy_s": round(copy_s, 2),
+        "copy_gb_s": round(copy_rate, 3),
+        "convert_vs_copy": round(conv_rate / copy_rate, 3),
         "convert_s": round(conv["seconds"], 2),
         "convert_gb_s": round(conv_rate, 3),
         "convert_vs_raw": round(conv_rate / raw_rate, 3),
@@ -206,9 +226,11 @@ def main(argv=None) -> int:
         "target_rss_met": conv_rss <= rss_limit,
     }
     print(f"raw read (cat, {result['cache']}): {raw_rate:.2f} GB/s ({raw_s:.1f} s)")
+    print(f"plain copy (cp + sync, the floor for any converter): {copy_rate:.2f} GB/s ({copy_s:.1f} s)")
     print(
         f"convert: {conv_rate:.2f} GB/s ({conv['seconds']:.1f} s) = {conv_rate / raw_rate:.2f}x raw read "
-        f"[target >= 0.5x: {'met' if result['target_throughput_met'] else 'MISSED'}]"
+        f"[target >= 0.5x: {'met' if result['target_throughput_met'] else 'MISSED'}], "
+        f"{conv_rate / copy_rate:.2f}x plain copy"
     )
     print(
         f"convert peak RSS: {conv_rss / 1e9:.2f} GB (after imports {conv['rss_after_imports'] / 1e9:.2f} GB); "

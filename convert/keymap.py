@@ -49,11 +49,6 @@ class Entry:
     the target slot (plain transposes and copies): ``load`` of a row block ``source[r0:r1]`` is the slot
     restricted to ``[r0:r1]`` on ``row_axis``, and ``store`` maps that block back. Converters use it to stream
     big tensors (the 2.3 GB embedding and lm_head) in row blocks instead of whole.
-
-    ``load_view``: set where every target slot is the 2-D transpose of a source (``[out, in]`` -> ``[in, out]``,
-    INT4 words after their nibble flip, INT4 scales): it returns the targets as transposed *views*, whose
-    Fortran-order bytes are the source bytes. The converter stores such arrays in Fortran order and so writes
-    the release bytes without a transpose (the transpose happens, fused with the copy, when a restore reads).
     """
 
     sources: tuple[Source, ...]
@@ -62,7 +57,6 @@ class Entry:
     store: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
     kind: str = "dense"  # "dense" | "expert" (INT4 packed or plain routed-expert weight)
     row_axis: int | None = None
-    load_view: Callable[[Sequence[np.ndarray]], list[np.ndarray]] | None = None
 
     @property
     def key(self) -> str:
@@ -83,10 +77,6 @@ def _transposed(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [_t(arrays[0])]
 
 
-def _transposed_view(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [arrays[0].T]
-
-
 def text_prefix(cfg: K25Config) -> str:
     return "" if cfg.layout == "deepseek_v3" else "language_model."
 
@@ -101,7 +91,7 @@ def layer_slot(t: TextConfig, layer: int) -> tuple[str, int]:
 def _linear(name: str, out_dim: int, in_dim: int, target: Target) -> Entry:
     """``[out, in]`` -> ``[in, out]``: source row ``o`` is slot column ``o``."""
     source = Source(name, (out_dim, in_dim), BF16)
-    return Entry((source,), (target,), _transposed, _transposed, row_axis=1, load_view=_transposed_view)
+    return Entry((source,), (target,), _transposed, _transposed, row_axis=1)
 
 
 def _norm(name: str, dim: int, target: Target) -> Entry:
@@ -180,7 +170,7 @@ def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Tar
     q = cfg.quantization
     if q is None:
         source = Source(f"{p}.weight", (out_dim, in_dim), BF16)
-        return Entry((source,), (target,), _transposed, _transposed, "expert", 1, _transposed_view)
+        return Entry((source,), (target,), _transposed, _transposed, "expert", row_axis=1)
     words = -(-in_dim // quant.NIBBLES_PER_WORD)
     sources = (
         Source(f"{p}.weight_packed", (out_dim, words), I32),
@@ -201,13 +191,8 @@ def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Tar
         packed, scale = quant.device_to_release(*arrays)
         return [packed, scale, np.array([out_dim, in_dim], np.int32)]
 
-    def load_view(arrays):
-        packed, scale, shape = arrays
-        check_shape(shape)
-        return [quant.flip_nibbles(packed, inplace=True).T, scale.T[:, None, :]]  # the converter's own buffer
-
     targets = (Target(target.path + ("packed",), target.index), Target(target.path + ("scales",), target.index))
-    return Entry(sources, targets, load, store, "expert", load_view=load_view)
+    return Entry(sources, targets, load, store, "expert")
 
 
 def text_entries(cfg: K25Config) -> list[Entry]:

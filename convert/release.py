@@ -190,8 +190,11 @@ class ReleaseReader:
         """The ``__metadata__`` string map of a shard's header (``{"format": "pt"}`` in the release), or None."""
         return read_header(self._p(file))[1].get("__metadata__")
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """One tensor (or the rows ``[r0, r1)`` of its first dim) as a fresh numpy array, read with ``pread``."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, buffer: np.ndarray | None = None) -> np.ndarray:
+        """One tensor (or the rows ``[r0, r1)`` of its first dim) as a numpy array, read with ``pread``.
+
+        Into a fresh array, or into ``buffer`` (uint8, exactly the bytes needed; see :meth:`nbytes`).
+        """
         info = self.tensors[name]
         dtype = NUMPY_DTYPES.get(info.dtype)
         path = self._p(info.file)
@@ -201,7 +204,12 @@ class ReleaseReader:
         if rows is not None:
             r0, r1 = rows
             shape, offset = (r1 - r0, *info.shape[1:]), offset + r0 * info.row_bytes
-        return pread_into(self._fd(info.file), np.empty(shape, dtype), offset, f"{path}: tensor {name}")
+        out = np.empty(shape, dtype) if buffer is None else buffer.view(dtype).reshape(shape)
+        return pread_into(self._fd(info.file), out, offset, f"{path}: tensor {name}")
+
+    def nbytes(self, name: str, rows: tuple[int, int] | None = None) -> int:
+        info = self.tensors[name]
+        return info.nbytes if rows is None else (rows[1] - rows[0]) * info.row_bytes
 
     def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Ask the kernel to start reading a tensor (or rows of it) now (``POSIX_FADV_WILLNEED``); no wait."""

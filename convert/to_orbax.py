@@ -2,10 +2,11 @@
 
 Work is cut into *units*: one release entry (an INT4 expert projection's packed words + scales + shape, a
 norm, ...) or a block of rows of a big one (the embedding and lm_head, in chunk-sized row blocks). Units run in
-file order through a three-stage pipeline: a reader thread ``pread``\\ s the source bytes, the main thread applies
-the keymap's layout move (a transposed *view* for the 97% of bytes stored in Fortran order, otherwise transpose or
-reshape, the INT4 nibble flip: never a dtype change) and writer threads write the chunk files. The stages are
-bounded in bytes, so host memory stays at a few times the largest unit whatever the model size.
+file order through a pipeline (``convert.pipeline``): a reader thread ``pread``\\ s the source bytes into pooled
+buffers, worker threads apply the keymap's layout move (transposes with :func:`k25jax.transpose.transpose2d`,
+reshapes, the INT4 nibble flip: never a dtype change) and write the chunk files (``O_DIRECT`` from aligned
+buffers), and the main thread retires units in order. The stages are bounded in bytes, so host memory stays at a
+few times the largest unit whatever the model size.
 
 Crash safety (``convert.destination``): the checkpoint is built in ``DST.partial``; finished entries are
 journaled after their chunk files are fsync'd (in batches of :data:`COMMIT_BYTES`); a re-run with the same
@@ -26,7 +27,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 from flax import nnx
@@ -44,14 +44,15 @@ from convert.orbax_format import (
     write_orbax_metadata,
     write_zarray,
 )
+from convert.pipeline import Budget, BufferPool, Committer, Unit, reader_thread
 from convert.release import INDEX_NAME, ReleaseError, ReleaseReader
 from k25jax.checkpoint import CHECKPOINT_MARKER, FORMAT_VERSION
 from k25jax.config import ConfigError, K25Config, from_release_config
 from k25jax.model import abstract_model
+from k25jax.transpose import use_allocator
 
 COMMIT_BYTES = 1 << 30  # fsync + journal at least every GiB of source data (and every COMMIT_SECONDS)
 COMMIT_SECONDS = 10.0
-PREFETCH_BYTES = 128 << 20  # source bytes announced to the kernel ahead of the reads (queue depth > 1)
 MIN_BUDGET = 256 << 20  # bytes in flight per pipeline stage (or twice the largest unit, if more)
 PAUSE_ENV = "K25JAX_CONVERT_PAUSE_AFTER"  # tests: stop (sleep) after this many entries are committed
 COPY_LIMIT = 256 << 20  # release side files (tokenizer, templates) up to this size are copied along
@@ -61,35 +62,16 @@ class ConvertError(ValueError):
     """A conversion cannot proceed. The message names the file and tensor at fault."""
 
 
-@dataclass
-class Unit:
-    """One piece of work: an entry, or a block ``rows`` of its single source's rows."""
-
-    entry: Entry
-    rows: tuple[int, int] | None
-    nbytes: int
-    order: tuple[int, int]
-    futures: list = field(default_factory=list)  # chunk writes in progress (each returns its files)
-    values: list = field(default_factory=list)  # the arrays they write (kept alive until done)
-    files: list = field(default_factory=list)  # chunk files written
-
-    @property
-    def value_bytes(self) -> int:
-        return sum(v.nbytes for v in self.values)
-
-
 def checkpoint_specs(cfg: K25Config, entries: list[Entry]) -> dict[tuple[str, ...], ArraySpec]:
     """The checkpoint's arrays: one per model parameter (shape and dtype of the bf16 model), chunked per slot."""
     model = abstract_model(cfg)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     index_dims: dict[tuple[str, ...], int] = {}
-    fortran: dict[tuple[str, ...], bool] = {}
     for e in entries:
         for t in e.targets:
             if t.path not in flat:
                 raise KeyError(f"keymap target {'/'.join(t.path)} is not a parameter of the model")
             index_dims[t.path] = len(t.index)
-            fortran[t.path] = fortran.get(t.path, True) and e.load_view is not None
     unmapped = set(flat) - set(index_dims)
     if unmapped:
         raise KeyError(f"model parameters with no release tensor: {sorted('/'.join(p) for p in unmapped)}")
@@ -98,8 +80,7 @@ def checkpoint_specs(cfg: K25Config, entries: list[Entry]) -> dict[tuple[str, ..
         shape, dtype = tuple(var.shape), np.dtype(var.dtype)
         axes = var.get_metadata().get("out_sharding")
         chunks = choose_chunks(shape, dtype, index_dims[path], axes)
-        order = "F" if fortran[path] else "C"
-        specs[path] = ArraySpec(tuple(str(k) for k in path), shape, dtype, chunks, index_dims[path], order)
+        specs[path] = ArraySpec(tuple(str(k) for k in path), shape, dtype, chunks, index_dims[path])
     return specs
 
 
@@ -146,60 +127,6 @@ def source_fingerprint(reader: ReleaseReader) -> dict:
     }
 
 
-class _Budget:
-    """Bytes in flight for one pipeline stage; a unit bigger than the budget still passes alone."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-        self.cond = threading.Condition()
-
-    def acquire(self, n: int, stop: threading.Event) -> bool:
-        with self.cond:
-            while self.used and self.used + n > self.limit and not stop.is_set():
-                self.cond.wait(0.1)
-            self.used += n
-            return not stop.is_set()
-
-    def release(self, n: int) -> None:
-        with self.cond:
-            self.used -= n
-            self.cond.notify_all()
-
-
-def _read_unit(reader: ReleaseReader, unit: Unit) -> list[np.ndarray]:
-    if unit.rows is not None:
-        return [reader.read(unit.entry.sources[0].name, unit.rows)]
-    return [reader.read(s.name) for s in unit.entry.sources]
-
-
-def _prefetch(reader: ReleaseReader, unit: Unit) -> None:
-    if unit.rows is not None:
-        reader.prefetch(unit.entry.sources[0].name, unit.rows)
-    else:
-        for s in unit.entry.sources:
-            reader.prefetch(s.name)
-
-
-def _reader_thread(reader, units, out: queue.Queue, budget: _Budget, stop: threading.Event) -> None:
-    ahead, ahead_bytes = 0, 0  # units [i, ahead) have been handed to the kernel's readahead
-    try:
-        for i, unit in enumerate(units):
-            if ahead <= i:
-                ahead, ahead_bytes = i, 0
-            ahead_bytes -= unit.nbytes if ahead > i else 0
-            while ahead < len(units) and ahead_bytes < PREFETCH_BYTES:
-                _prefetch(reader, units[ahead])
-                ahead_bytes += units[ahead].nbytes
-                ahead += 1
-            if not budget.acquire(unit.nbytes, stop):
-                return
-            out.put((unit, _read_unit(reader, unit)))
-    except BaseException as e:  # handed to the main thread, which raises it
-        out.put((None, e))
-        return
-    out.put((None, None))
-
-
 def _regions(unit: Unit, specs) -> list[tuple[tuple, ArraySpec]]:
     """The array region each target value of ``unit`` goes to (slot index, plus the row block if any)."""
     out = []
@@ -215,9 +142,8 @@ def _regions(unit: Unit, specs) -> list[tuple[tuple, ArraySpec]]:
 def _transform(unit: Unit, arrays, specs, reader: ReleaseReader) -> list[tuple[tuple, ArraySpec, np.ndarray]]:
     entry = unit.entry
     file = os.path.join(reader.path, reader.tensors[entry.key].file)
-    fortran = specs[entry.targets[0].path].order == "F"
     try:
-        values = entry.load_view(arrays) if fortran else entry.load(arrays)
+        values = entry.load(arrays)
     except ValueError as err:
         raise ConvertError(f"{file}: {err}") from None
     out = []
@@ -281,7 +207,18 @@ def convert_release(
     return summary
 
 
-WRITERS = 2  # chunk-writing threads (the write syscalls release the GIL)
+WORKERS = 3  # transform + write threads: numpy copies and write syscalls release the GIL; one more than the
+# dev box's 2 cores so a thread blocked in an O_DIRECT write does not idle a core
+
+
+def _process(unit: Unit, arrays, specs, reader: ReleaseReader, pool: BufferPool, root: str) -> list[str]:
+    """Transform one unit (outputs in pooled buffers, recorded on the unit) and write its chunk files."""
+    with use_allocator(lambda shape, dtype: pool.array(shape, dtype, unit.buffers)):
+        writes = _transform(unit, arrays, specs, reader)
+    files = []
+    for region, spec, value in writes:
+        files += write_chunks(root, spec, _full_region(region, spec), value)
+    return files
 
 
 def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool, log) -> dict:
@@ -301,25 +238,31 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
     if done:
         log(f"k25jax convert: resuming {dest.partial}: {len(done)} tensor groups ({skipped / 2**30:.2f} GiB) done")
     biggest = max((u.nbytes for u in todo), default=0)
-    read_budget, write_budget = _Budget(max(MIN_BUDGET, 2 * biggest)), max(MIN_BUDGET, 2 * biggest)
+    read_budget, write_budget = Budget(max(MIN_BUDGET, 2 * biggest)), max(MIN_BUDGET, 2 * biggest)
     pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
     commit_bytes = 1 if pause_after else COMMIT_BYTES
 
+    def on_pause(n):
+        log(f"k25jax convert: paused after {n} tensor groups ({PAUSE_ENV})")
+
     stop = threading.Event()
     inbox: queue.Queue = queue.Queue()
-    thread = threading.Thread(target=_reader_thread, args=(reader, todo, inbox, read_budget, stop), daemon=True)
-    committer = _Committer(dest, pause_after, log)
-    in_flight: deque[Unit] = deque()
-    state = {"bytes": 0, "keys": [], "files": [], "last": time.monotonic(), "written": 0}
+    pool = BufferPool()
+    thread = threading.Thread(target=reader_thread, args=(reader, todo, inbox, read_budget, stop, pool), daemon=True)
+    committer = Committer(dest.commit, pause_after, on_pause)
+    workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="k25jax-convert")
+    in_flight: deque = deque()  # (unit, future) in order
+    state = {"bytes": 0, "keys": [], "files": [], "last": time.monotonic(), "outstanding": 0}
     bar = tqdm(
         total=total, initial=skipped, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=not progress
     )
 
-    def retire(unit: Unit) -> None:
-        for f in unit.futures:
-            state["files"] += f.result()  # raises if the write failed
-        state["written"] += unit.value_bytes
-        unit.futures, unit.values = [], []
+    def retire() -> None:
+        unit, future = in_flight.popleft()
+        state["files"] += future.result()  # raises the unit's error, if any
+        state["outstanding"] -= unit.nbytes
+        pool.put(unit.buffers)
+        unit.buffers = []
         bar.update(unit.nbytes)
         state["bytes"] += unit.nbytes
         units_left[unit.entry.key] -= 1
@@ -329,11 +272,15 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
             committer.submit(state["keys"], state["files"])
             state.update(bytes=0, keys=[], files=[], last=time.monotonic())
 
+    def process(unit, arrays):
+        try:
+            return _process(unit, arrays, specs, reader, pool, dest.partial)
+        finally:
+            read_budget.release(unit.nbytes)
+
     start = time.perf_counter()
     thread.start()
     committer.start()
-    writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="k25jax-write")
-    outstanding = 0
     try:
         while True:
             unit, arrays = inbox.get()
@@ -341,79 +288,26 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
                 if isinstance(arrays, BaseException):
                     raise arrays
                 break
-            writes = _transform(unit, arrays, specs, reader)
-            read_budget.release(unit.nbytes)
-            del arrays
-            for region, spec, value in writes:
-                unit.values.append(value)
-                unit.futures.append(writers.submit(write_chunks, dest.partial, spec, _full_region(region, spec), value))
-            in_flight.append(unit)
-            outstanding += unit.value_bytes
-            while in_flight and (all(f.done() for f in in_flight[0].futures) or outstanding > write_budget):
-                old = in_flight.popleft()
-                outstanding -= old.value_bytes
-                retire(old)
+            in_flight.append((unit, workers.submit(process, unit, arrays)))
+            state["outstanding"] += unit.nbytes
+            while in_flight and (in_flight[0][1].done() or state["outstanding"] > write_budget):
+                retire()
         while in_flight:
-            retire(in_flight.popleft())
+            retire()
         committer.submit(state["keys"], state["files"])
         committer.finish()
     finally:
         stop.set()
-        writers.shutdown(wait=True, cancel_futures=True)
+        workers.shutdown(wait=True, cancel_futures=True)
         committer.stop()
         bar.close()
-    seconds = time.perf_counter() - start
     return {
         "source_bytes": total,
         "converted_bytes": total - skipped,
         "resumed_bytes": skipped,
-        "written_bytes": state["written"],
-        "seconds": seconds,
+        "seconds": time.perf_counter() - start,
         "entries": len(units_left) + len(done),
     }
-
-
-class _Committer(threading.Thread):
-    """Makes finished work durable off the main thread: fsync the chunk files, then journal the entries.
-
-    Commits run in submission order; the journal therefore only ever names entries whose files are synced.
-    """
-
-    def __init__(self, dest: Destination, pause_after: int, log):
-        super().__init__(daemon=True)
-        self.dest, self.pause_after, self.log = dest, pause_after, log
-        self.jobs: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.committed = 0
-
-    def submit(self, keys: list[str], files: list[str]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.jobs.put((list(keys), list(files)))
-
-    def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if self.error is not None:
-                continue
-            try:
-                self.dest.commit(*job)
-            except BaseException as e:  # raised in the main thread by the next submit / finish
-                self.error = e
-                continue
-            self.committed += len(job[0])
-            if self.pause_after and self.committed >= self.pause_after:
-                self.log(f"k25jax convert: paused after {self.committed} tensor groups ({PAUSE_ENV})")
-                time.sleep(3600)
-
-    def finish(self) -> None:
-        self.jobs.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        if self.is_alive():
-            self.jobs.put(None)
 
 
 def _full_region(region: tuple, spec: ArraySpec) -> tuple[slice, ...]:

@@ -113,8 +113,7 @@ def release_to_device(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray
     out_dim, words = packed.shape
     if scale.shape != (out_dim, words * NIBBLES_PER_WORD // GROUP) or words * NIBBLES_PER_WORD % GROUP:
         raise ValueError(f"INT4 scales of shape {list(scale.shape)} do not fit packed words {list(packed.shape)}")
-    flipped = (packed.view(np.uint32) ^ _FLIP).view(np.int32)
-    return transpose2d(flipped), transpose2d(scale)[:, None, :]
+    return flip_nibbles(transpose2d(packed), inplace=True), transpose2d(scale)[:, None, :]
 
 
 def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +121,7 @@ def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarra
     packed = np.asarray(packed)
     if packed.dtype != np.int32:
         raise ValueError(f"packed INT4 words must be int32, got {packed.dtype}")
-    flipped = (packed.view(np.uint32) ^ _FLIP).view(np.int32)
-    return transpose2d(flipped), transpose2d(np.asarray(scales)[:, 0, :])
+    return flip_nibbles(transpose2d(packed), inplace=True), transpose2d(np.asarray(scales)[:, 0, :])
 
 
 # --- the on-device type -----------------------------------------------------------------------------------------
