@@ -65,7 +65,9 @@ def generate(cfg, out: str, shard_bytes: int, seed: int = 0) -> int:
     entries = release_entries(cfg)
     plans = plan_shards(entries, None, shard_bytes)
     shapes = {  # weight_shape tensors hold the unpacked [out, in]
-        e.sources[2].name: (e.sources[0].shape[0], e.sources[0].shape[1] * 8) for e in entries if len(e.sources) == 3
+        e.sources[1].name: (e.sources[0].shape[0], e.sources[0].shape[1] * 8)
+        for e in entries
+        if len(e.sources) == 2 and e.sources[1].name.endswith("weight_shape")
     }
     weight_map, total = {}, 0
     cursor = 0

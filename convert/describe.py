@@ -26,10 +26,10 @@ def _params(cfg: K25Config) -> dict[str, int]:
     for e in release_entries(cfg):
         part = e.targets[0].path[0]  # text | vision | projector
         if e.kind == "expert":
-            if cfg.quantization is not None:  # sources: packed [O, I/8], scale, shape
+            if e.sources[0].name.endswith("weight_packed"):  # INT4: packed [O, I/8] (+ shape); scales not counted
                 o, words = e.sources[0].shape
                 out["routed experts"] += o * words * 8
-            else:
+            elif not e.sources[0].name.endswith("weight_scale"):
                 out["routed experts"] += math.prod(e.sources[0].shape)
         else:
             out[part] += math.prod(e.sources[0].shape)

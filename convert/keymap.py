@@ -161,38 +161,45 @@ def _mlp_entries(p: str, D: int, F: int, base: tuple[str, ...], index: tuple[int
     ]
 
 
-def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Target) -> Entry:
+def _expert_entries(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Target) -> list[Entry]:
     """A routed-expert projection ``[out, in]``: INT4 pack-quantized, or plain bf16 when unquantized.
 
     INT4 tensors go to the two arrays of an :class:`~k25jax.quant.Int4Weight` (``<target>/packed`` and
-    ``<target>/scales``), repacked to the device layout; they are never dequantized.
+    ``<target>/scales``), repacked to the device layout; they are never dequantized. Two entries, one per
+    array (``weight_shape`` goes with the words and is checked), so that filling either array reads only its
+    own tensors.
     """
     q = cfg.quantization
     if q is None:
         source = Source(f"{p}.weight", (out_dim, in_dim), BF16)
-        return Entry((source,), (target,), _transposed, _transposed, "expert", row_axis=1)
+        return [Entry((source,), (target,), _transposed, _transposed, "expert", row_axis=1)]
     words = -(-in_dim // quant.NIBBLES_PER_WORD)
-    sources = (
-        Source(f"{p}.weight_packed", (out_dim, words), I32),
-        Source(f"{p}.weight_scale", (out_dim, in_dim // q.group_size), BF16),
-        Source(f"{p}.weight_shape", (2,), I32),
-    )
 
-    def check_shape(shape):
+    def load_words(arrays):
+        packed, shape = arrays
         if tuple(int(s) for s in shape) != (out_dim, in_dim):
             raise ValueError(f"tensor {p}.weight_shape holds {[int(s) for s in shape]}, expected {[out_dim, in_dim]}")
+        return [quant.words_to_device(packed)]
 
-    def load(arrays):
-        packed, scale, shape = arrays
-        check_shape(shape)
-        return list(quant.release_to_device(packed, scale))
+    def store_words(arrays):
+        return [quant.words_to_release(arrays[0]), np.array([out_dim, in_dim], np.int32)]
 
-    def store(arrays):
-        packed, scale = quant.device_to_release(*arrays)
-        return [packed, scale, np.array([out_dim, in_dim], np.int32)]
-
-    targets = (Target(target.path + ("packed",), target.index), Target(target.path + ("scales",), target.index))
-    return Entry(sources, targets, load, store, "expert")
+    return [
+        Entry(
+            (Source(f"{p}.weight_packed", (out_dim, words), I32), Source(f"{p}.weight_shape", (2,), I32)),
+            (Target(target.path + ("packed",), target.index),),
+            load_words,
+            store_words,
+            "expert",
+        ),
+        Entry(
+            (Source(f"{p}.weight_scale", (out_dim, in_dim // q.group_size), BF16),),
+            (Target(target.path + ("scales",), target.index),),
+            lambda a: [quant.scales_to_device(a[0])],
+            lambda a: [quant.scales_to_release(a[0])],
+            "expert",
+        ),
+    ]
 
 
 def text_entries(cfg: K25Config) -> list[Entry]:
@@ -237,9 +244,9 @@ def text_entries(cfg: K25Config) -> list[Entry]:
         experts = mlp + ("experts",)
         for e in range(E):
             ep = f"{p}mlp.experts.{e}."
-            out.append(_expert_entry(cfg, ep + "gate_proj", F, D, Target(experts + ("gate_proj",), (i, e))))
-            out.append(_expert_entry(cfg, ep + "up_proj", F, D, Target(experts + ("up_proj",), (i, e))))
-            out.append(_expert_entry(cfg, ep + "down_proj", D, F, Target(experts + ("down_proj",), (i, e))))
+            out += _expert_entries(cfg, ep + "gate_proj", F, D, Target(experts + ("gate_proj",), (i, e)))
+            out += _expert_entries(cfg, ep + "up_proj", F, D, Target(experts + ("up_proj",), (i, e)))
+            out += _expert_entries(cfg, ep + "down_proj", D, F, Target(experts + ("down_proj",), (i, e)))
     return out
 
 

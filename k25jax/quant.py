@@ -105,6 +105,26 @@ def flip_nibbles(packed: np.ndarray, inplace: bool = False) -> np.ndarray:
     return np.bitwise_xor(words, _FLIP, out=words if inplace else None).view(np.int32)
 
 
+def words_to_device(packed: np.ndarray) -> np.ndarray:
+    """Release ``weight_packed int32 [O, I/8]`` -> device ``packed int32 [I/8, O]`` (transpose + nibble flip)."""
+    return flip_nibbles(transpose2d(packed), inplace=True)
+
+
+def scales_to_device(scale: np.ndarray) -> np.ndarray:
+    """Release ``weight_scale [O, G]`` -> device ``scales [G, 1, O]``."""
+    return transpose2d(scale)[:, None, :]
+
+
+def words_to_release(packed: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`words_to_device`."""
+    return flip_nibbles(transpose2d(np.asarray(packed)), inplace=True)
+
+
+def scales_to_release(scales: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`scales_to_device`."""
+    return transpose2d(np.asarray(scales)[:, 0, :])
+
+
 def release_to_device(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Release ``weight_packed int32 [O, I/8]`` and ``weight_scale [O, I/32]`` -> device ``packed int32 [I/8, O]``
     and ``scales [I/32, 1, O]`` (same dtype as ``scale``). Exact; ``I`` must be a multiple of 32."""
@@ -113,7 +133,7 @@ def release_to_device(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray
     out_dim, words = packed.shape
     if scale.shape != (out_dim, words * NIBBLES_PER_WORD // GROUP) or words * NIBBLES_PER_WORD % GROUP:
         raise ValueError(f"INT4 scales of shape {list(scale.shape)} do not fit packed words {list(packed.shape)}")
-    return flip_nibbles(transpose2d(packed), inplace=True), transpose2d(scale)[:, None, :]
+    return words_to_device(packed), scales_to_device(scale)
 
 
 def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +141,7 @@ def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarra
     packed = np.asarray(packed)
     if packed.dtype != np.int32:
         raise ValueError(f"packed INT4 words must be int32, got {packed.dtype}")
-    return flip_nibbles(transpose2d(packed), inplace=True), transpose2d(np.asarray(scales)[:, 0, :])
+    return words_to_release(packed), scales_to_release(scales)
 
 
 # --- the on-device type -----------------------------------------------------------------------------------------
