@@ -27,6 +27,14 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return (ReleaseError, ConvertError, ExportError, DestinationError, ConfigError, FileNotFoundError)
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
 def _size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -44,11 +52,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         s = convert_release(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet)
     except _input_errors() as e:
         return _fail("convert", e)
-    rate = s["converted_bytes"] / max(s["seconds"], 1e-9) / 2**30
-    resumed = f", {s['resumed_bytes'] / 2**30:.2f} GiB resumed" if s["resumed_bytes"] else ""
+    rate = s["converted_bytes"] / max(s["seconds"], 1e-9)
+    resumed = f", {_human(s['resumed_bytes'])} resumed" if s["resumed_bytes"] else ""
     print(
         f"k25jax convert: wrote {s['path']}: {s['entries']:,} tensor groups, "
-        f"{s['converted_bytes'] / 2**30:.2f} GiB in {s['seconds']:.1f} s ({rate:.2f} GiB/s){resumed}"
+        f"{_human(s['converted_bytes'])} in {s['seconds']:.1f} s ({_human(rate)}/s){resumed}"
     )
     return 0
 

@@ -150,7 +150,10 @@ def inspect_path(path: str | os.PathLike) -> dict:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.2f} MB"
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= scale / 10:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n} B"
 
 
 def format_report(r: dict) -> str:

@@ -160,6 +160,12 @@ class ReleaseReader:
     def _read_header(self, file: str) -> list[TensorInfo]:
         path = self._p(file)
         size = os.path.getsize(path)
+        start, header = read_header(path)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        if ends and all(isinstance(e, int) for e in ends) and start + max(ends) > size:
+            raise ReleaseError(
+                f"{path}: truncated: header describes {max(ends)} bytes of tensor data, file holds {size - start}"
+            )
         try:
             with safe_open(path, framework="numpy") as f:
                 names = list(f.keys())
@@ -170,10 +176,6 @@ class ReleaseReader:
                     out.append(TensorInfo(n, file, dtype, shape, _DTYPE_BYTES.get(dtype, 0) * int(np.prod(shape))))
         except (SafetensorError, OSError, ValueError) as e:
             raise ReleaseError(f"{path}: unreadable safetensors header ({e})") from None
-        total = sum(t.nbytes for t in out)
-        if total > size:
-            raise ReleaseError(f"{path}: truncated: header describes {total} bytes of tensors, file is {size} bytes")
-        start, header = read_header(path)
         placed = []
         for t in out:
             begin, end = header[t.name]["data_offsets"]

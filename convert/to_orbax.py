@@ -49,6 +49,7 @@ from convert.release import INDEX_NAME, ReleaseError, ReleaseReader
 from k25jax.checkpoint import CHECKPOINT_MARKER, FORMAT_VERSION
 from k25jax.config import ConfigError, K25Config, from_release_config
 from k25jax.model import abstract_model
+from k25jax.quant import GROUP
 from k25jax.transpose import use_allocator
 
 COMMIT_BYTES = 1 << 30  # fsync + journal at least every GiB of source data (and every COMMIT_SECONDS)
@@ -60,6 +61,21 @@ COPY_LIMIT = 256 << 20  # release side files (tokenizer, templates) up to this s
 
 class ConvertError(ValueError):
     """A conversion cannot proceed. The message names the file and tensor at fault."""
+
+
+def read_config(src: str) -> K25Config:
+    """The release's config, checked for what the converter and the model support."""
+    try:
+        cfg = from_release_config(src)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+    q = cfg.quantization
+    if q is not None and q.group_size != GROUP:
+        raise ConvertError(
+            f"{os.path.join(src, 'config.json')}: quantization_config group_size {q.group_size} is not supported: "
+            f"k25jax keeps INT4 experts packed on device with group size {GROUP} (the released models' value)"
+        )
+    return cfg
 
 
 def checkpoint_specs(cfg: K25Config, entries: list[Entry]) -> dict[tuple[str, ...], ArraySpec]:
@@ -185,10 +201,7 @@ def convert_release(
     """
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    try:
-        cfg = from_release_config(src)
-    except ConfigError as e:
-        raise ConvertError(str(e)) from None
+    cfg = read_config(src)
     reader = ReleaseReader(src)
     entries = release_entries(cfg)
     check_tensors(reader, entries)
