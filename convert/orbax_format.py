@@ -227,11 +227,12 @@ def _write_file(path: str, data: memoryview) -> None:
             finally:
                 os.close(fd)
     start = head if direct else 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (0 if direct else os.O_TRUNC), 0o644)
-    try:
-        _write_all(fd, data[start:], start)
-    finally:
-        os.close(fd)
+    if start < len(data) or not direct:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (0 if direct else os.O_TRUNC), 0o644)
+        try:
+            _write_all(fd, data[start:], start)
+        finally:
+            os.close(fd)
     os.replace(tmp, path)
 
 
