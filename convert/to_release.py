@@ -21,7 +21,10 @@ import json
 import os
 import shutil
 import struct
+import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -41,6 +44,8 @@ from k25jax.model import K25
 
 DEFAULT_SHARD_BYTES = 5 << 30
 BLOCK_BYTES = 16 << 20  # row block size for streaming big tensors
+WORKERS = 3  # entries produced and written at once (numpy copies and pwrite release the GIL)
+BUDGET = 512 << 20  # bytes of entries in flight
 
 
 class ExportError(ValueError):
@@ -136,19 +141,27 @@ def model_reader(model: K25, cfg: K25Config) -> SlotReader:
     """Read slots of an in-memory model; float experts of a quantized ``cfg`` are quantized (release rule)."""
     flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     group = cfg.quantization.group_size if cfg.quantization else None
-    cache: dict = {}
+    cache: dict = {}  # (weight path, slot) -> [device words, device scales, parts not yet taken]
+    lock = threading.Lock()
 
-    def int4_slot(base, index):
-        if cache.get("key") != (base, index):
+    def int4_slot(base, index, part: int):
+        with lock:
+            hit = cache.get((base, index))
+        if hit is None:
             w = np.asarray(jax.device_get(flat[base][index]), np.float32)  # [K, N] = [in, out]
             q, scale = quant.quantize(np.ascontiguousarray(w.T), group, scale_dtype=NUMPY_DTYPES["BF16"])
-            cache.update(key=(base, index), value=quant.release_to_device(quant.pack_int4(q), scale))
-        return cache["value"]
+            hit = [*quant.release_to_device(quant.pack_int4(q), scale), 2]
+            with lock:
+                hit = cache.setdefault((base, index), hit)
+        with lock:
+            hit[2] -= 1
+            if hit[2] == 0:  # both the words and the scales were taken: forget it
+                cache.pop((base, index), None)
+        return hit[part]
 
     def read(path, index, region):
         if path not in flat and path[-1] in ("packed", "scales") and path[:-1] in flat and group:
-            value = int4_slot(path[:-1], index)[0 if path[-1] == "packed" else 1]
-            return value[region]
+            return int4_slot(path[:-1], index, 0 if path[-1] == "packed" else 1)[region]
         if path not in flat:
             raise ExportError(f"model has no parameter {'/'.join(path)} (config {cfg.name!r} expects it)")
         return np.asarray(jax.device_get(flat[path][(*index, *region)]))
@@ -202,14 +215,30 @@ def write_release(
                 where[s.name] = (i, offsets[s.name])
                 weight_map[s.name] = plan.file
         files = [p.file for p in plans]
-        with tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress
-        ) as bar:
+
+        def write_entry(e: Entry) -> int:
+            n = 0
+            for name, offset, data in _entry_bytes(e, read, row_blocks):
+                _pwrite_all(fds[files[where[name][0]]], data, where[name][1] + offset)
+                n += len(data)
+            return n
+
+        with (
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export", disable=not progress) as bar,
+            ThreadPoolExecutor(WORKERS, thread_name_prefix="k25jax-export") as workers,
+        ):
+            pending: deque = deque()  # (future, bytes): at most BUDGET bytes of entries in flight
+            in_flight = 0
             for e in _entry_order(entries, where):
-                for name, offset, data in _entry_bytes(e, read, row_blocks):
-                    fd = fds[files[where[name][0]]]
-                    _pwrite_all(fd, data, where[name][1] + offset)
-                    bar.update(len(data))
+                size = sum(_nbytes(s) for s in e.sources)
+                while pending and in_flight + size > BUDGET:
+                    future, n = pending.popleft()
+                    bar.update(future.result())
+                    in_flight -= n
+                pending.append((workers.submit(write_entry, e), size))
+                in_flight += size
+            for future, _ in pending:
+                bar.update(future.result())
         for fd in fds.values():
             os.fsync(fd)
             os.close(fd)
