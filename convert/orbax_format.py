@@ -3,7 +3,7 @@
 Orbax saves a pytree as one array per leaf plus JSON metadata. Saving through orbax needs every array whole in
 memory (a stacked expert weight of K2.5 is 169 GB), so the converter writes the same on-disk format itself:
 
-- the tree is the model's parameter tree as a pure nested dict (``nnx.State.to_pure_dict()``: ``text`` ->
+- the tree is the model's parameter tree as a pure nested dict (``nnx.to_pure_dict(state)``: ``text`` ->
   ``moe_layers`` -> ``mlp`` -> ``experts`` -> ``gate_proj`` -> ``packed``); leaf ``a/b/c`` is stored in the
   directory ``a.b.c`` (orbax's parameter name);
 - each leaf is a zarr v2 array (uncompressed; orbax's non-OCDBT layout, ``use_ocdbt: false``,

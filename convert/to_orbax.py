@@ -183,6 +183,8 @@ def _copy_side_files(src: str, dst: str) -> list[str]:
         path = os.path.join(src, name)
         if name.endswith(".safetensors") or name == INDEX_NAME or not os.path.isfile(path):
             continue
+        if name.startswith(("_", ".")) or name in (CHECKPOINT_MARKER, RELEASE_INDEX):  # names the checkpoint uses
+            continue
         if os.path.getsize(path) > COPY_LIMIT:
             continue
         shutil.copyfile(path, os.path.join(dst, name))
@@ -361,7 +363,7 @@ def _finalize(src: str, dest: Destination, reader: ReleaseReader, specs, cfg: K2
     marker = {
         "format": FORMAT_VERSION,
         "model": cfg.name,
-        "tree": "nnx.State.to_pure_dict() of k25jax.K25 (bf16 parameters, INT4 experts as packed/scales)",
+        "tree": "nnx.to_pure_dict(nnx.state(model)) of k25jax.K25 (bf16 parameters, INT4 experts as packed/scales)",
         "release_files": copied,
         "source": {
             "path": src,

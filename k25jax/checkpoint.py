@@ -1,9 +1,9 @@
 """Loading models: from an orbax checkpoint written by ``k25jax convert``, or straight from a release directory.
 
 A k25jax checkpoint is a plain orbax PyTree checkpoint of the model's parameter tree as a pure nested dict
-(``nnx.State.to_pure_dict()``), with the release's ``config.json`` (and tokenizer files) beside it and the marker
-file :data:`CHECKPOINT_MARKER` saying it is complete. With a mesh, orbax restores each array straight onto its
-``NamedSharding``: every process reads only the chunks covering the shards its own devices hold.
+(``nnx.to_pure_dict(nnx.state(model))``), with the release's ``config.json`` (and tokenizer files) beside it
+and the marker file :data:`CHECKPOINT_MARKER` saying it is complete. With a mesh, orbax restores each array
+straight onto its ``NamedSharding``: every process reads only the chunks covering its own devices' shards.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ def restore_target(model: K25, mesh: Mesh | None = None, strategy: str | Mapping
     state = nnx.state(model)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, state.to_pure_dict())
+        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
     else:
-        shardings = state_shardings(state, mesh, strategy).to_pure_dict()
+        shardings = nnx.to_pure_dict(state_shardings(state, mesh, strategy))
     return jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state.to_pure_dict(), shardings
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(state), shardings
     )
 
 
