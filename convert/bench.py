@@ -33,7 +33,7 @@ import numpy as np
 
 from convert.keymap import release_entries
 from convert.release import INDEX_NAME
-from convert.to_release import _nbytes, header_bytes, plan_shards
+from convert.to_release import source_nbytes, header_bytes, plan_shards
 from k25jax.config import VisionConfig, k25
 
 POOL_BYTES = 64 << 20
@@ -77,7 +77,7 @@ def generate(cfg, out: str, shard_bytes: int, seed: int = 0) -> int:
         with open(path, "wb") as f:
             f.write(head)
             for s in plan.tensors:
-                n = _nbytes(s)
+                n = source_nbytes(s)
                 weight_map[s.name] = plan.file
                 if s.name in shapes:
                     f.write(np.array(shapes[s.name], np.int32).tobytes())

@@ -12,7 +12,7 @@ import math
 import os
 from collections import Counter
 
-from convert.destination import JOURNAL_NAME, PARTIAL_SUFFIX, _read_journal
+from convert.destination import JOURNAL_NAME, PARTIAL_SUFFIX, read_journal
 from convert.keymap import release_entries
 from convert.orbax_format import read_array_specs
 from convert.release import INDEX_NAME, SINGLE_NAME, ReleaseError, ReleaseReader
@@ -107,7 +107,7 @@ def inspect_checkpoint(path: str) -> dict:
     specs = checkpoint_specs(cfg, entries)
     status = "complete"
     if not complete:
-        journal = _read_journal(os.path.join(path, JOURNAL_NAME))
+        journal = read_journal(os.path.join(path, JOURNAL_NAME))
         done = len(journal[1]) if journal else 0
         status = f"partial: {done} of {len(entries)} tensor groups converted (re-run the conversion to resume)"
         arrays = specs

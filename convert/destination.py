@@ -88,7 +88,7 @@ class Destination:
         done: set[str] = set()
         journal = os.path.join(self.partial, JOURNAL_NAME)
         if os.path.exists(self.partial):
-            previous = _read_journal(journal)
+            previous = read_journal(journal)
             if previous is not None and previous[0] == header:
                 done = previous[1]
             elif self.overwrite or previous is None and not _has_content(self.partial):
@@ -163,7 +163,7 @@ def _has_content(path: str) -> bool:
     return any(n not in (JOURNAL_NAME, LOCK_NAME) for n in os.listdir(path))
 
 
-def _read_journal(path: str) -> tuple[dict, set[str]] | None:
+def read_journal(path: str) -> tuple[dict, set[str]] | None:
     """``(header, finished keys)``; a last line cut short by a crash is ignored. None when there is no journal."""
     if not os.path.exists(path):
         return None

@@ -45,7 +45,7 @@ class TensorInfo:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
 
 
-_DTYPE_BYTES = {
+DTYPE_BYTES = {
     "BF16": 2,
     "F16": 2,
     "F32": 4,
@@ -173,7 +173,7 @@ class ReleaseReader:
                 for n in names:
                     s = f.get_slice(n)
                     dtype, shape = s.get_dtype(), tuple(int(d) for d in s.get_shape())
-                    out.append(TensorInfo(n, file, dtype, shape, _DTYPE_BYTES.get(dtype, 0) * int(np.prod(shape))))
+                    out.append(TensorInfo(n, file, dtype, shape, DTYPE_BYTES.get(dtype, 0) * int(np.prod(shape))))
         except (SafetensorError, OSError, ValueError) as e:
             raise ReleaseError(f"{path}: unreadable safetensors header ({e})") from None
         placed = []

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from convert.destination import Destination
 from convert.keymap import Entry, Source, release_entries
 from convert.orbax_format import RELEASE_INDEX, read_array_specs, tensorstore_spec
-from convert.release import _DTYPE_BYTES, INDEX_NAME, NUMPY_DTYPES
+from convert.release import DTYPE_BYTES, INDEX_NAME, NUMPY_DTYPES
 from k25jax import quant
 from k25jax.checkpoint import CHECKPOINT_MARKER, is_checkpoint
 from k25jax.config import K25Config, QuantConfig, from_release_config
@@ -59,8 +59,8 @@ class ShardPlan:
     tensors: tuple[Source, ...]  # in data order
 
 
-def _nbytes(s: Source) -> int:
-    return _DTYPE_BYTES[s.dtype] * int(np.prod(s.shape, dtype=np.int64))
+def source_nbytes(s: Source) -> int:
+    return DTYPE_BYTES[s.dtype] * int(np.prod(s.shape, dtype=np.int64))
 
 
 def plan_shards(entries: list[Entry], recorded: dict | None, max_shard_bytes: int) -> list[ShardPlan]:
@@ -76,7 +76,7 @@ def plan_shards(entries: list[Entry], recorded: dict | None, max_shard_bytes: in
     groups: list[list[Source]] = [[]]
     size = 0
     for e in entries:
-        group_bytes = sum(_nbytes(s) for s in e.sources)
+        group_bytes = sum(source_nbytes(s) for s in e.sources)
         if groups[-1] and size + group_bytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -94,9 +94,9 @@ def header_bytes(plan: ShardPlan) -> tuple[bytes, dict[str, int]]:
     if plan.metadata is not None:
         header["__metadata__"] = plan.metadata
     for s in plan.tensors:
-        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [pos, pos + _nbytes(s)]}
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [pos, pos + source_nbytes(s)]}
         offsets[s.name] = pos
-        pos += _nbytes(s)
+        pos += source_nbytes(s)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)
     start = 8 + len(text)
@@ -206,7 +206,7 @@ def write_release(
             head, offsets = header_bytes(plan)
             path = os.path.join(dest.partial, plan.file)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            size = len(head) + sum(_nbytes(s) for s in plan.tensors)
+            size = len(head) + sum(source_nbytes(s) for s in plan.tensors)
             os.ftruncate(fd, size)
             os.pwrite(fd, head, 0)
             fds[plan.file] = fd
@@ -230,7 +230,7 @@ def write_release(
             pending: deque = deque()  # (future, bytes): at most BUDGET bytes of entries in flight
             in_flight = 0
             for e in _entry_order(entries, where):
-                size = sum(_nbytes(s) for s in e.sources)
+                size = sum(source_nbytes(s) for s in e.sources)
                 while pending and in_flight + size > BUDGET:
                     future, n = pending.popleft()
                     bar.update(future.result())
@@ -250,7 +250,7 @@ def write_release(
         if kept_layout and index_file and os.path.exists(index_file):
             shutil.copyfile(index_file, os.path.join(dest.partial, INDEX_NAME))
         else:
-            total_size = sum(_nbytes(s) for p in plans for s in p.tensors)
+            total_size = sum(source_nbytes(s) for p in plans for s in p.tensors)
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             _write_json(os.path.join(dest.partial, INDEX_NAME), index, indent=2)
         dest.commit([], [os.path.join(dest.partial, n) for n in os.listdir(dest.partial) if not n.startswith(".")])
@@ -279,7 +279,7 @@ def _entry_bytes(e: Entry, read: SlotReader, row_blocks: dict | None):
     if e.row_axis is not None:
         src = e.sources[0]
         rows = src.shape[0]
-        row_bytes = _nbytes(src) // max(rows, 1)
+        row_bytes = source_nbytes(src) // max(rows, 1)
         target = e.targets[0]
         if row_blocks and target.path in row_blocks:
             step = row_blocks[target.path][e.row_axis]  # the checkpoint's chunks: aligned reads
