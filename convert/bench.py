@@ -33,7 +33,7 @@ import numpy as np
 
 from convert.keymap import release_entries
 from convert.release import INDEX_NAME
-from convert.to_release import source_nbytes, header_bytes, plan_shards
+from convert.to_release import header_bytes, plan_shards, source_nbytes
 from k25jax.config import VisionConfig, k25
 
 POOL_BYTES = 64 << 20
