@@ -126,7 +126,7 @@ def plan_units(reader: ReleaseReader, entries: list[Entry], specs) -> list[Unit]
 
 
 def source_fingerprint(reader: ReleaseReader) -> dict:
-    """What identifies a source for resuming: its path, config and index bytes, and its files' sizes."""
+    """What identifies a source for resuming: its path, config and index bytes, its files' sizes and mtimes."""
 
     def digest(name):
         path = os.path.join(reader.path, name)
@@ -139,7 +139,7 @@ def source_fingerprint(reader: ReleaseReader) -> dict:
         "path": os.path.abspath(reader.path),
         "config": digest("config.json"),
         "index": digest(INDEX_NAME),
-        "files": {f: reader.file_bytes(f) for f in reader.files},
+        "files": {f: [reader.file_bytes(f), os.stat(os.path.join(reader.path, f)).st_mtime_ns] for f in reader.files},
     }
 
 
