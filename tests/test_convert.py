@@ -212,3 +212,31 @@ def test_text_only_release_converts(tmp_path):
     a = load_model(release, compute_dtype=jnp.float32, progress=False)
     b = load_model(tmp_path / "ckpt", compute_dtype=jnp.float32)
     helpers.assert_same_params(a, b)
+
+
+def test_tensor_parallel_restore_reads_partial_slices(tmp_path, monkeypatch):
+    """expert=4 x tensor=2 (expert width 64: two INT4 groups along K of down_proj): INT4 words and scales split
+    along the expert width, the vocabulary split too; streamed from a release, lm_head rows are read per shard."""
+    cfg = configs.text_variant(configs.grouped(), moe_intermediate_size=64)
+    release = helpers.make_release(cfg, tmp_path / "release", seed=13)
+    convert_release(release, tmp_path / "ckpt", progress=False)
+    reference = load_model(release, compute_dtype=jnp.float32, progress=False)
+    mesh = make_mesh(expert=4, tensor=2)
+    calls = []
+    original = ReleaseReader.read
+
+    def counting(self, name, rows=None, buffer=None):
+        calls.append((name, rows))
+        return original(self, name, rows, buffer)
+
+    monkeypatch.setattr(ReleaseReader, "read", counting)
+    from_release = load_model(release, compute_dtype=jnp.float32, mesh=mesh, progress=False)
+    monkeypatch.undo()
+    from_ckpt = load_model(tmp_path / "ckpt", compute_dtype=jnp.float32, mesh=mesh)
+    for model in (from_release, from_ckpt):
+        helpers.assert_same_params(model, reference)
+        down = model.text.moe_layers.mlp.experts.down_proj.packed[...]
+        assert down.sharding.spec[1:3] == ("expert", "tensor")
+        assert {s.data.shape for s in down.addressable_shards} == {(2, 2, 4, 64)}  # [L, E/4, (F/8)/2, D]
+    head_rows = sorted(r for n, r in calls if n.endswith("lm_head.weight"))
+    assert head_rows == [(0, 640), (640, 1280)]  # each vocabulary half read once, by rows
