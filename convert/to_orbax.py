@@ -177,7 +177,10 @@ def _transform(unit: Unit, arrays, specs, reader: ReleaseReader) -> list[tuple[t
 
 
 def _copy_side_files(src: str, dst: str) -> list[str]:
-    """Copy the release's small non-weight files (config, tokenizer, templates) so the checkpoint stands alone."""
+    """Copy the release's small non-weight files (config, tokenizer, templates) so the checkpoint stands alone,
+    and its index as :data:`RELEASE_INDEX` (for export). Returns the side files' names (not the index)."""
+    if os.path.exists(os.path.join(src, INDEX_NAME)):
+        shutil.copyfile(os.path.join(src, INDEX_NAME), os.path.join(dst, RELEASE_INDEX))
     copied = []
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
@@ -214,9 +217,10 @@ def convert_release(
     header["chunks"] = {s.name: list(s.chunks) for s in specs.values()}
     done = dest.open(header)
     try:
+        side_files = _copy_side_files(src, dest.partial)  # first: an unfinished DST.partial already has its config
         with reader:
             summary = _run(reader, units, specs, dest, done, progress, log)
-        _finalize(src, dest, reader, specs, cfg, summary)
+        _finalize(dest, reader, specs, cfg, side_files, summary)
     finally:
         dest.close()
     return summary
@@ -349,15 +353,10 @@ def _check_complete(root: str, specs) -> None:
             raise ConvertError(f"{folder}: {have} chunk files, expected {want}")
 
 
-def _finalize(src: str, dest: Destination, reader: ReleaseReader, specs, cfg: K25Config, summary: dict) -> None:
+def _finalize(dest: Destination, reader: ReleaseReader, specs, cfg: K25Config, copied: list[str], summary) -> None:
     root = dest.partial
     _check_complete(root, specs)
-    copied = _copy_side_files(src, root)
-    if os.path.exists(os.path.join(src, INDEX_NAME)):
-        shutil.copyfile(os.path.join(src, INDEX_NAME), os.path.join(root, RELEASE_INDEX))
-        copied_index = [RELEASE_INDEX]
-    else:
-        copied_index = []
+    copied_index = [RELEASE_INDEX] if os.path.exists(os.path.join(root, RELEASE_INDEX)) else []
     init_ns = time.time_ns()
     written = write_orbax_metadata(root, specs.values(), init_ns)
     marker = {
@@ -366,7 +365,7 @@ def _finalize(src: str, dest: Destination, reader: ReleaseReader, specs, cfg: K2
         "tree": "nnx.to_pure_dict(nnx.state(model)) of k25jax.K25 (bf16 parameters, INT4 experts as packed/scales)",
         "release_files": copied,
         "source": {
-            "path": src,
+            "path": reader.path,
             "shards": {f: {"metadata": reader.file_metadata(f), "tensors": reader.file_order(f)} for f in reader.files},
         },
         "arrays": {

@@ -11,6 +11,7 @@ import time
 import convert_helpers as helpers
 import pytest
 
+from convert.describe import inspect_path
 from convert.destination import JOURNAL_NAME, DestinationError
 from convert.to_orbax import PAUSE_ENV, convert_release
 from k25jax.checkpoint import CHECKPOINT_MARKER
@@ -73,6 +74,8 @@ def test_killed_conversion_resumes_to_an_identical_checkpoint(release, tmp_path)
     assert not os.path.exists(os.path.join(partial, CHECKPOINT_MARKER))  # nothing looks complete
     journaled = _journaled(partial)
     assert len(journaled) >= PAUSE_AFTER
+    status = inspect_path(dst)["status"]  # inspect finds the unfinished conversion
+    assert status.startswith(f"partial: {len(journaled)} of ") and "re-run the conversion to resume" in status
     before = _chunk_mtimes(partial)
 
     summary = convert_release(release, dst, progress=False)  # same arguments: resumes
