@@ -1,4 +1,4 @@
-"""Import a release directory into a k25jax model (host-side, tensor by tensor).
+"""Import a release directory into a k25jax model: host-side tensor by tensor, or straight onto a mesh.
 
 Every tensor in the files is used exactly once: missing, unexpected, mis-shaped or mis-typed tensors raise
 :class:`~convert.release.ReleaseError` naming them (and their file).
@@ -6,19 +6,23 @@ Every tensor in the files is used exactly once: missing, unexpected, mis-shaped 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from convert.keymap import Entry, release_entries
 from convert.release import ReleaseError, ReleaseReader
 from k25jax.config import K25Config, from_release_config
 from k25jax.model import K25, abstract_model
+from k25jax.sharding import state_shardings
 
 MAX_LISTED = 8
 
@@ -134,3 +138,88 @@ def host_arrays(model: K25) -> dict[tuple[str, ...], jax.Array]:
     """Flat ``{path: array}`` view of a model's parameters (handy in tests and converters)."""
     _, state = nnx.split(model)
     return {p: v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+# --- straight onto a mesh -----------------------------------------------------------------------------------
+
+
+def slot_map(entries: list[Entry]) -> dict[tuple[str, ...], dict[tuple[int, ...], tuple[Entry, int]]]:
+    """``{param path: {stacked index: (entry, position of the param among the entry's targets)}}``."""
+    out: dict = defaultdict(dict)
+    for e in entries:
+        for pos, t in enumerate(e.targets):
+            out[t.path][t.index] = (e, pos)
+    return out
+
+
+def read_region(
+    reader: ReleaseReader, slots: dict, shape: tuple[int, ...], region: tuple[slice, ...], dtype
+) -> np.ndarray:
+    """The block ``region`` (one slice per dim) of the parameter whose slots are ``slots``, read from the files.
+
+    Each stacked slot in the region is read whole (then cut), except for row-mapped entries (plain transposes
+    and copies, :attr:`~convert.keymap.Entry.row_axis`), of which only the needed source rows are read.
+    """
+    n = len(next(iter(slots)))
+    bounds = [r.indices(size)[:2] for r, size in zip(region, shape, strict=True)]
+    out = np.empty([b - a for a, b in bounds], dtype)
+    for slot in itertools.product(*(range(a, b) for a, b in bounds[:n])):
+        entry, pos = slots[slot]
+        trailing = [slice(a, b) for a, b in bounds[n:]]
+        if entry.row_axis is not None and trailing[entry.row_axis] != slice(0, shape[n + entry.row_axis]):
+            rows = bounds[n + entry.row_axis]
+            arrays = [reader.read(entry.sources[0].name, rows)]
+            trailing[entry.row_axis] = slice(None)
+        else:
+            arrays = [reader.read(s.name) for s in entry.sources]
+        try:
+            value = entry.load(arrays)[pos]
+        except ValueError as err:
+            raise ReleaseError(f"{os.path.join(reader.path, reader.tensors[entry.key].file)}: {err}") from None
+        out[tuple(i - a for i, (a, _) in zip(slot, bounds, strict=False))] = value[tuple(trailing)].astype(dtype)
+    return out
+
+
+def load_release_sharded(
+    path: str | os.PathLike,
+    mesh: Mesh,
+    *,
+    strategy: str | Mapping = "inference",
+    dtype=jnp.bfloat16,
+    param_dtype=None,
+    kernels: str = "xla",
+    config: K25Config | None = None,
+) -> K25:
+    """Load a release directory straight onto ``mesh``: each parameter on its ``NamedSharding``.
+
+    Per parameter, every distinct shard that this process's devices hold is assembled on the host from just
+    the slices it needs (:func:`read_region`) and put on those devices; host memory holds one shard at a time.
+    """
+    path = os.fspath(path)
+    cfg = config or from_release_config(path)
+    entries = release_entries(cfg)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh, strategy))}
+    slots = slot_map(entries)
+    unmapped = set(flat) - set(slots)
+    if unmapped:
+        raise KeyError(f"model parameters with no release tensor: {sorted('/'.join(p) for p in unmapped)}")
+    arrays = {}
+    with ReleaseReader(path) as reader:
+        check_tensors(reader, entries)
+        for p, var in flat.items():
+            shape, sharding = tuple(var.shape), shardings[p]
+            by_index: dict[tuple, list] = defaultdict(list)
+            for device, index in sharding.addressable_devices_indices_map(shape).items():
+                key = tuple(r.indices(s)[:2] for r, s in zip(index, shape, strict=True))
+                by_index[key].append(device)
+            pieces = []
+            for key, devices in by_index.items():
+                host = read_region(reader, slots[p], shape, tuple(slice(a, b) for a, b in key), np.dtype(var.dtype))
+                pieces += [jax.device_put(host, d) for d in devices]
+                del host
+            arrays[p] = jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+    new_state = nnx.from_flat_state([(p, v.replace(arrays[p])) for p, v in flat.items()])
+    return nnx.merge(graphdef, new_state)

@@ -15,6 +15,7 @@ import numpy as np
 
 from k25jax import quant
 from k25jax.config import K25Config, TextConfig, VisionConfig
+from k25jax.transpose import transpose2d
 
 # safetensors dtype names
 BF16, F32, I32 = "BF16", "F32", "I32"
@@ -39,16 +40,41 @@ class Target:
 
 @dataclass(frozen=True)
 class Entry:
-    """Release sources -> k25jax targets. ``load(arrays, cfg) -> arrays`` maps source arrays to target slots."""
+    """Release sources -> k25jax targets, both ways.
+
+    ``load(source arrays) -> target slot arrays`` and its exact inverse ``store(target slot arrays) -> source
+    arrays`` (pure layout moves: transposes, reshapes, the INT4 repacking; never a change of dtype).
+
+    ``row_axis``: set on single-source, single-target entries whose source rows map one to one onto an axis of
+    the target slot (plain transposes and copies): ``load`` of a row block ``source[r0:r1]`` is the slot
+    restricted to ``[r0:r1]`` on ``row_axis``, and ``store`` maps that block back. Converters use it to stream
+    big tensors (the 2.3 GB embedding and lm_head) in row blocks instead of whole.
+    """
 
     sources: tuple[Source, ...]
     targets: tuple[Target, ...]
     load: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+    store: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
     kind: str = "dense"  # "dense" | "expert" (INT4 packed or plain routed-expert weight)
+    row_axis: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable identifier: the first source's name."""
+        return self.sources[0].name
 
 
 def _t(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.T)
+    """The 2-D transpose, as a contiguous copy (every layout move below is one, plus free reshapes)."""
+    return transpose2d(a)
+
+
+def _same(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [arrays[0]]
+
+
+def _transposed(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [_t(arrays[0])]
 
 
 def text_prefix(cfg: K25Config) -> str:
@@ -63,11 +89,13 @@ def layer_slot(t: TextConfig, layer: int) -> tuple[str, int]:
 
 
 def _linear(name: str, out_dim: int, in_dim: int, target: Target) -> Entry:
-    return Entry((Source(name, (out_dim, in_dim), BF16),), (target,), lambda a: [_t(a[0])])
+    """``[out, in]`` -> ``[in, out]``: source row ``o`` is slot column ``o``."""
+    source = Source(name, (out_dim, in_dim), BF16)
+    return Entry((source,), (target,), _transposed, _transposed, row_axis=1)
 
 
 def _norm(name: str, dim: int, target: Target) -> Entry:
-    return Entry((Source(name, (dim,), BF16),), (target,), lambda a: [a[0]])
+    return Entry((Source(name, (dim,), BF16),), (target,), _same, _same, row_axis=0)
 
 
 def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) -> list[Entry]:
@@ -78,32 +106,48 @@ def _attention_entries(t: TextConfig, p: str, stack: tuple[str, ...], i: int) ->
     def tgt(*names: str) -> Target:
         return Target(a + names, (i,))
 
-    def per_head_in(out_dim_split: int):  # [H*K, in] -> [in, H, K]
-        return lambda arr: [np.ascontiguousarray(arr[0].reshape(H, out_dim_split, -1).transpose(2, 0, 1))]
+    def per_head_in(arr):  # [H*K, in] -> [in, H, K]
+        return [_t(arr[0]).reshape(-1, H, Kqk)]
+
+    def per_head_out(arr):  # [in, H, K] -> [H*K, in]
+        return [_t(arr[0].reshape(-1, H * Kqk))]
 
     out: list[Entry] = []
     if t.q_lora_rank is None:
-        out.append(Entry((Source(f"{p}q_proj.weight", (H * Kqk, D), BF16),), (tgt("q_proj"),), per_head_in(Kqk)))
+        out.append(
+            Entry((Source(f"{p}q_proj.weight", (H * Kqk, D), BF16),), (tgt("q_proj"),), per_head_in, per_head_out)
+        )
     else:
         Q = t.q_lora_rank
         out.append(_linear(f"{p}q_a_proj.weight", Q, D, tgt("q_a_proj")))
         out.append(_norm(f"{p}q_a_layernorm.weight", Q, tgt("q_a_norm", "weight")))
-        out.append(Entry((Source(f"{p}q_b_proj.weight", (H * Kqk, Q), BF16),), (tgt("q_b_proj"),), per_head_in(Kqk)))
+        out.append(
+            Entry((Source(f"{p}q_b_proj.weight", (H * Kqk, Q), BF16),), (tgt("q_b_proj"),), per_head_in, per_head_out)
+        )
     out.append(_linear(f"{p}kv_a_proj_with_mqa.weight", C + R, D, tgt("kv_a_proj")))
     out.append(_norm(f"{p}kv_a_layernorm.weight", C, tgt("kv_a_norm", "weight")))
 
     def split_kv_b(arr):  # [H*(Kn+Kv), C] -> k_up [C, H, Kn], v_up [C, H, Kv]
-        w = arr[0].reshape(H, Kn + Kv, C).transpose(2, 0, 1)
+        w = _t(arr[0]).reshape(C, H, Kn + Kv)
         return [np.ascontiguousarray(w[..., :Kn]), np.ascontiguousarray(w[..., Kn:])]
 
+    def join_kv_b(arr):  # k_up [C, H, Kn], v_up [C, H, Kv] -> [H*(Kn+Kv), C]
+        return [_t(np.concatenate([arr[0], arr[1]], axis=-1).reshape(C, H * (Kn + Kv)))]
+
     out.append(
-        Entry((Source(f"{p}kv_b_proj.weight", (H * (Kn + Kv), C), BF16),), (tgt("k_up"), tgt("v_up")), split_kv_b)
+        Entry(
+            (Source(f"{p}kv_b_proj.weight", (H * (Kn + Kv), C), BF16),),
+            (tgt("k_up"), tgt("v_up")),
+            split_kv_b,
+            join_kv_b,
+        )
     )
     out.append(
         Entry(
             (Source(f"{p}o_proj.weight", (D, H * Kv), BF16),),
             (tgt("o_proj"),),
-            lambda arr: [np.ascontiguousarray(arr[0].T.reshape(H, Kv, D))],
+            lambda arr: [_t(arr[0]).reshape(H, Kv, D)],  # [D, H*Kv] -> [H, Kv, D]
+            lambda arr: [_t(arr[0].reshape(H * Kv, D))],
         )
     )
     return out
@@ -117,30 +161,45 @@ def _mlp_entries(p: str, D: int, F: int, base: tuple[str, ...], index: tuple[int
     ]
 
 
-def _expert_entry(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Target) -> Entry:
+def _expert_entries(cfg: K25Config, p: str, out_dim: int, in_dim: int, target: Target) -> list[Entry]:
     """A routed-expert projection ``[out, in]``: INT4 pack-quantized, or plain bf16 when unquantized.
 
     INT4 tensors go to the two arrays of an :class:`~k25jax.quant.Int4Weight` (``<target>/packed`` and
-    ``<target>/scales``), repacked to the device layout; they are never dequantized.
+    ``<target>/scales``), repacked to the device layout; they are never dequantized. Two entries, one per
+    array (``weight_shape`` goes with the words and is checked), so that filling either array reads only its
+    own tensors.
     """
     q = cfg.quantization
     if q is None:
-        return Entry((Source(f"{p}.weight", (out_dim, in_dim), BF16),), (target,), lambda a: [_t(a[0])], "expert")
+        source = Source(f"{p}.weight", (out_dim, in_dim), BF16)
+        return [Entry((source,), (target,), _transposed, _transposed, "expert", row_axis=1)]
     words = -(-in_dim // quant.NIBBLES_PER_WORD)
-    sources = (
-        Source(f"{p}.weight_packed", (out_dim, words), I32),
-        Source(f"{p}.weight_scale", (out_dim, in_dim // q.group_size), BF16),
-        Source(f"{p}.weight_shape", (2,), I32),
-    )
 
-    def load(arrays):
-        packed, scale, shape = arrays
+    def load_words(arrays):
+        packed, shape = arrays
         if tuple(int(s) for s in shape) != (out_dim, in_dim):
             raise ValueError(f"tensor {p}.weight_shape holds {[int(s) for s in shape]}, expected {[out_dim, in_dim]}")
-        return list(quant.release_to_device(packed, scale))
+        return [quant.words_to_device(packed)]
 
-    targets = (Target(target.path + ("packed",), target.index), Target(target.path + ("scales",), target.index))
-    return Entry(sources, targets, load, "expert")
+    def store_words(arrays):
+        return [quant.words_to_release(arrays[0]), np.array([out_dim, in_dim], np.int32)]
+
+    return [
+        Entry(
+            (Source(f"{p}.weight_packed", (out_dim, words), I32), Source(f"{p}.weight_shape", (2,), I32)),
+            (Target(target.path + ("packed",), target.index),),
+            load_words,
+            store_words,
+            "expert",
+        ),
+        Entry(
+            (Source(f"{p}.weight_scale", (out_dim, in_dim // q.group_size), BF16),),
+            (Target(target.path + ("scales",), target.index),),
+            lambda a: [quant.scales_to_device(a[0])],
+            lambda a: [quant.scales_to_release(a[0])],
+            "expert",
+        ),
+    ]
 
 
 def text_entries(cfg: K25Config) -> list[Entry]:
@@ -151,7 +210,9 @@ def text_entries(cfg: K25Config) -> list[Entry]:
         Entry(
             (Source(f"{pre}model.embed_tokens.weight", (V, D), BF16),),
             (Target(("text", "embed_tokens")),),
-            lambda a: [a[0]],
+            _same,
+            _same,
+            row_axis=0,
         ),
         _norm(f"{pre}model.norm.weight", D, Target(("text", "norm", "weight"))),
         _linear(f"{pre}lm_head.weight", V, D, Target(("text", "lm_head"))),
@@ -173,7 +234,9 @@ def text_entries(cfg: K25Config) -> list[Entry]:
             Entry(
                 (Source(f"{p}mlp.gate.e_score_correction_bias", (E,), F32),),
                 (Target(mlp + ("correction_bias",), (i,)),),
-                lambda a: [a[0]],
+                _same,
+                _same,
+                row_axis=0,
             )
         )
         if t.n_shared_experts:
@@ -181,14 +244,14 @@ def text_entries(cfg: K25Config) -> list[Entry]:
         experts = mlp + ("experts",)
         for e in range(E):
             ep = f"{p}mlp.experts.{e}."
-            out.append(_expert_entry(cfg, ep + "gate_proj", F, D, Target(experts + ("gate_proj",), (i, e))))
-            out.append(_expert_entry(cfg, ep + "up_proj", F, D, Target(experts + ("up_proj",), (i, e))))
-            out.append(_expert_entry(cfg, ep + "down_proj", D, F, Target(experts + ("down_proj",), (i, e))))
+            out += _expert_entries(cfg, ep + "gate_proj", F, D, Target(experts + ("gate_proj",), (i, e)))
+            out += _expert_entries(cfg, ep + "up_proj", F, D, Target(experts + ("up_proj",), (i, e)))
+            out += _expert_entries(cfg, ep + "down_proj", D, F, Target(experts + ("down_proj",), (i, e)))
     return out
 
 
 def _vector(name: str, dim: int, target: Target) -> Entry:
-    return Entry((Source(name, (dim,), BF16),), (target,), lambda a: [a[0]])
+    return Entry((Source(name, (dim,), BF16),), (target,), _same, _same, row_axis=0)
 
 
 def _layer_norm(name: str, dim: int, path: tuple[str, ...], index: tuple[int, ...] = ()) -> list[Entry]:
@@ -212,13 +275,16 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
         Entry(  # Conv2d weight [D, 3, ps, ps] -> [3, ps, ps, D]
             (Source("vision_tower.patch_embed.proj.weight", (D, 3, ps, ps), BF16),),
             (Target(tower + ("patch_proj",)),),
-            lambda a: [np.ascontiguousarray(a[0].transpose(1, 2, 3, 0))],
+            lambda a: [_t(a[0].reshape(D, -1)).reshape(3, ps, ps, D)],
+            lambda a: [_t(a[0].reshape(-1, D)).reshape(D, 3, ps, ps)],
         ),
         _vector("vision_tower.patch_embed.proj.bias", D, Target(tower + ("patch_bias",))),
         Entry(
             (Source("vision_tower.patch_embed.pos_emb.weight", (v.pos_emb_height, v.pos_emb_width, D), BF16),),
             (Target(tower + ("pos_emb",)),),
-            lambda a: [a[0]],
+            _same,
+            _same,
+            row_axis=0,
         ),
     ]
     blocks = tower + ("blocks",)
@@ -230,7 +296,8 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
             Entry(  # [3*H*K, D] -> [D, 3, H, K]
                 (Source(p + "wqkv.weight", (3 * D, D), BF16),),
                 (Target(blocks + ("qkv_proj",), i),),
-                lambda a: [np.ascontiguousarray(a[0].reshape(3, H, K, D).transpose(3, 0, 1, 2))],
+                lambda a: [_t(a[0]).reshape(D, 3, H, K)],
+                lambda a: [_t(a[0].reshape(D, 3 * D))],
             )
         )
         out.append(
@@ -238,13 +305,15 @@ def vision_entries(cfg: K25Config) -> list[Entry]:
                 (Source(p + "wqkv.bias", (3 * D,), BF16),),
                 (Target(blocks + ("qkv_bias",), i),),
                 lambda a: [a[0].reshape(3, H, K)],
+                lambda a: [a[0].reshape(3 * D)],
             )
         )
         out.append(
             Entry(  # [D, H*K] -> [H, K, D]
                 (Source(p + "wo.weight", (D, D), BF16),),
                 (Target(blocks + ("out_proj",), i),),
-                lambda a: [np.ascontiguousarray(a[0].T.reshape(H, K, D))],
+                lambda a: [_t(a[0]).reshape(H, K, D)],
+                lambda a: [_t(a[0].reshape(D, D))],
             )
         )
         out.append(_vector(p + "wo.bias", D, Target(blocks + ("out_bias",), i)))

@@ -60,7 +60,13 @@ def _plan_registrar(sub) -> None:
     register_plan(sub)
 
 
-REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar]
+def _convert_registrars():
+    from convert.cli import REGISTRARS as convert_registrars  # the converters live in the convert package
+
+    return convert_registrars
+
+
+REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar, *_convert_registrars()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,8 +72,11 @@ class ReplyPrinter:
         return reply
 
 
-def load_model_and_tokenizer(model: str, dtype: str | None):
-    """``tiny`` (the embedded random model and tiny tokenizer) or a release directory."""
+def load_model_and_tokenizer(model: str, dtype: str | None, mesh=None):
+    """``tiny`` (the embedded random model and tiny tokenizer), a release directory or a k25jax checkpoint.
+
+    With ``mesh``, a release or checkpoint is read straight onto the mesh (each process reads its own slices).
+    """
     import jax.numpy as jnp
 
     from k25jax import build_model, from_release_config, load_model, preset
@@ -94,7 +97,7 @@ def load_model_and_tokenizer(model: str, dtype: str | None):
             f"k25jax: {model}: tiktoken.model gives a vocabulary of {tokenizer.vocab_size} ids but config.json's "
             f"text_config.vocab_size is {vocab}"
         )
-    return load_model(model, compute_dtype=compute), tokenizer
+    return load_model(model, compute_dtype=compute, mesh=mesh), tokenizer
 
 
 def start(args: argparse.Namespace):
@@ -105,21 +108,45 @@ def start(args: argparse.Namespace):
     from k25jax import distributed
 
     distributed.initialize(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    if args.mesh:
-        model = place_on_mesh(model, args.mesh, args.command)
+    if args.mesh and args.model != "tiny":  # full-size models load straight onto the mesh, never whole on a host
+        mesh = build_mesh(args.mesh, args.command)
+        model, tokenizer = _on_mesh(lambda: load_model_and_tokenizer(args.model, args.dtype, mesh), args)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+        if args.mesh:
+            model = place_on_mesh(model, args.mesh, args.command)
     return model, tokenizer, (sys.stdout if distributed.is_main_process() else io.StringIO())
 
 
-def place_on_mesh(model, mesh_text: str, command: str = "generate"):
-    """Shard ``model`` over all devices (of all hosts) as ``--mesh`` says (``expert=8,tensor=4``; ``data`` takes
-    up the devices the named axes leave)."""
+def build_mesh(mesh_text: str, command: str = "generate"):
+    """The mesh ``--mesh`` names over all devices of all hosts (``expert=8,tensor=4``; ``data`` takes up the
+    devices the named axes leave)."""
     import jax
 
-    from k25jax.sharding import ShardingError, make_mesh, mesh_sizes, shard_model
+    from k25jax.sharding import ShardingError, make_mesh, mesh_sizes
 
     try:
-        return shard_model(model, make_mesh(**mesh_sizes(mesh_text, jax.device_count())))
+        return make_mesh(**mesh_sizes(mesh_text, jax.device_count()))
+    except ShardingError as e:
+        raise SystemExit(f"k25jax {command}: --mesh {mesh_text}: {e}") from None
+
+
+def _on_mesh(load, args: argparse.Namespace):
+    from k25jax.sharding import ShardingError
+
+    try:
+        return load()
+    except ShardingError as e:
+        raise SystemExit(f"k25jax {args.command}: --mesh {args.mesh}: {e}") from None
+
+
+def place_on_mesh(model, mesh_text: str, command: str = "generate"):
+    """Shard an in-memory ``model`` over the ``--mesh`` mesh."""
+    from k25jax.sharding import ShardingError, shard_model
+
+    mesh = build_mesh(mesh_text, command)
+    try:
+        return shard_model(model, mesh)
     except ShardingError as e:
         raise SystemExit(f"k25jax {command}: --mesh {mesh_text}: {e}") from None
 

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from k25jax.sharding import check_axes
+from k25jax.transpose import transpose2d
 from pallas_kernels import int4_layout
 
 GROUP = int4_layout.GROUP
@@ -96,6 +97,34 @@ def quantize(w: np.ndarray, group_size: int, scale_dtype=None) -> tuple[np.ndarr
 _FLIP = np.uint32(0x88888888)  # offset-binary nibble u = q + 8  <->  two's-complement nibble q & 0xF
 
 
+def flip_nibbles(packed: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Offset-binary nibbles (release) <-> two's-complement nibbles (device), word by word; its own inverse."""
+    if packed.dtype != np.int32:
+        raise ValueError(f"packed INT4 words must be int32, got {packed.dtype}")
+    words = packed.view(np.uint32)
+    return np.bitwise_xor(words, _FLIP, out=words if inplace else None).view(np.int32)
+
+
+def words_to_device(packed: np.ndarray) -> np.ndarray:
+    """Release ``weight_packed int32 [O, I/8]`` -> device ``packed int32 [I/8, O]`` (transpose + nibble flip)."""
+    return flip_nibbles(transpose2d(packed), inplace=True)
+
+
+def scales_to_device(scale: np.ndarray) -> np.ndarray:
+    """Release ``weight_scale [O, G]`` -> device ``scales [G, 1, O]``."""
+    return transpose2d(scale)[:, None, :]
+
+
+def words_to_release(packed: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`words_to_device`."""
+    return flip_nibbles(transpose2d(np.asarray(packed)), inplace=True)
+
+
+def scales_to_release(scales: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`scales_to_device`."""
+    return transpose2d(np.asarray(scales)[:, 0, :])
+
+
 def release_to_device(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Release ``weight_packed int32 [O, I/8]`` and ``weight_scale [O, I/32]`` -> device ``packed int32 [I/8, O]``
     and ``scales [I/32, 1, O]`` (same dtype as ``scale``). Exact; ``I`` must be a multiple of 32."""
@@ -104,8 +133,7 @@ def release_to_device(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray
     out_dim, words = packed.shape
     if scale.shape != (out_dim, words * NIBBLES_PER_WORD // GROUP) or words * NIBBLES_PER_WORD % GROUP:
         raise ValueError(f"INT4 scales of shape {list(scale.shape)} do not fit packed words {list(packed.shape)}")
-    flipped = (packed.view(np.uint32) ^ _FLIP).view(np.int32)
-    return np.ascontiguousarray(flipped.T), np.ascontiguousarray(scale.T[:, None, :])
+    return words_to_device(packed), scales_to_device(scale)
 
 
 def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,8 +141,7 @@ def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarra
     packed = np.asarray(packed)
     if packed.dtype != np.int32:
         raise ValueError(f"packed INT4 words must be int32, got {packed.dtype}")
-    flipped = (packed.view(np.uint32) ^ _FLIP).view(np.int32)
-    return np.ascontiguousarray(flipped.T), np.ascontiguousarray(np.asarray(scales)[:, 0, :].T)
+    return words_to_release(packed), scales_to_release(scales)
 
 
 # --- the on-device type -----------------------------------------------------------------------------------------

@@ -157,6 +157,9 @@ def test_generate_from_a_release_directory(tmp_path, capsys):
     model, tok = cli_generate.load_model_and_tokenizer(path, "float32")
     expected, _ = expected_output(model, tok, [{"role": "user", "content": "Hi"}], False, 8)
     assert capsys.readouterr().out == expected
+    # --mesh with a model directory: the weights load straight onto the mesh (expert=8 on the 8 fake devices)
+    assert main(argv + ["--dtype", "float32", "--no-thinking", "--mesh", "expert=8"]) == 0
+    assert capsys.readouterr().out == expected
     write_tiktoken_ranks({bytes([i]): i for i in range(256)}, os.path.join(path, "tiktoken.model"))
     with pytest.raises(SystemExit, match="vocabulary of 512 ids but config.json's text_config.vocab_size is 1280"):
         cli_generate.load_model_and_tokenizer(path, "float32")
