@@ -226,8 +226,9 @@ def convert_release(
     return summary
 
 
-WORKERS = 3  # transform + write threads: numpy copies and write syscalls release the GIL; one more than the
-# dev box's 2 cores so a thread blocked in an O_DIRECT write does not idle a core
+# Transform + write threads: numpy copies and write syscalls release the GIL. The default is one more than the
+# dev box's 2 cores so a thread blocked in an O_DIRECT write does not idle a core; raise it on bigger hosts.
+WORKERS = int(os.environ.get("K25JAX_CONVERT_WORKERS", "3"))
 
 
 def _process(unit: Unit, arrays, specs, reader: ReleaseReader, pool: BufferPool, root: str) -> list[str]:
