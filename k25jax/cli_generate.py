@@ -9,9 +9,10 @@ The reply streams as it is generated, reasoning apart from the answer::
     --- tool calls ---
     name {"arg": 1}  [functions.name:0]
 
-``--image FILE`` (repeatable) puts images before the prompt text; in ``chat``, ``/image PATH`` attaches an image
-to the next message. ``chat`` keeps the conversation's latent cache between turns (``k25jax.session``): each
-turn prefills only what differs from the cached prompt and reply.
+``--image FILE`` and ``--video FILE`` (repeatable; images first, then videos) put media before the prompt text; in
+``chat``, ``/image PATH`` and ``/video PATH`` attach one to the next message. ``chat`` keeps the conversation's
+latent cache between turns (``k25jax.session``): each turn prefills only what differs from the cached prompt and
+reply.
 """
 
 from __future__ import annotations
@@ -160,16 +161,39 @@ def _sampling(args: argparse.Namespace):
     return dict(temperature=temperature, top_p=top_p, top_k=args.top_k)
 
 
-def image_parts(paths: list[str], command: str) -> list[dict]:
-    """Chat content parts for image files, each checked now so a bad file fails before any generation."""
+def media_parts(images: list[str], videos: list[str], command: str) -> list[dict]:
+    """Chat content parts for image and video files (images first), each checked now so that a bad file fails
+    before any generation. Videos are opened and probed for a video stream, not decoded."""
     from k25jax.vision import MediaError, load_image
 
-    for path in paths:
+    for path in images:
         try:
             load_image(path)
         except MediaError as err:
             raise SystemExit(f"k25jax {command}: {err}") from None
-    return [{"type": "image", "image": path} for path in paths]
+    for path in videos:
+        try:
+            _probe_video(path)
+        except MediaError as err:
+            raise SystemExit(f"k25jax {command}: {err}") from None
+    return [{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
+
+
+def _probe_video(path: str) -> None:
+    from k25jax.vision import MediaError
+
+    try:
+        import av
+    except ImportError:
+        raise MediaError(f"{path}: reading video files needs PyAV: pip install 'k25jax[video]'") from None
+    if not os.path.isfile(path):
+        raise MediaError(f"{path}: no such video file")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: the file holds no video stream")
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise MediaError(f"{path}: not a readable video ({err})") from None
 
 
 def _check_vision(model, command: str) -> None:
@@ -199,11 +223,11 @@ def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, s
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a reply to one prompt and stream it."""
-    images = image_parts(args.image, "generate")
+    media = media_parts(args.image, args.video, "generate")
     model, tokenizer, out = start(args)
-    if images:
+    if media:
         _check_vision(model, "generate")
-    content = images + [{"type": "text", "text": args.prompt}] if images else args.prompt
+    content = media + [{"type": "text", "text": args.prompt}] if media else args.prompt
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}
     ]
@@ -212,8 +236,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Multi-turn chat on stdin/stdout. ``/image PATH`` attaches an image to the next message, ``/reset`` clears
-    the history (and pending images), ``/exit`` (or end of input) quits."""
+    """Multi-turn chat on stdin/stdout. ``/image PATH`` and ``/video PATH`` attach an image or a video to the next
+    message, ``/reset`` clears the history (and pending media), ``/exit`` (or end of input) quits."""
     from k25jax.session import Session
 
     model, tokenizer, _ = start(args)
@@ -221,7 +245,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     system = list(history)
-    pending: list[dict] = []  # image parts for the next user message
+    pending: list[dict] = []  # media parts for the next user message
     turn = 0
     while True:
         if interactive:
@@ -239,15 +263,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             session.reset()
             print("(history cleared)", flush=True)
             continue
-        if text.startswith("/image"):
-            path = text[len("/image") :].strip()
+        command = text.split(maxsplit=1)[0] if text.strip() else ""
+        if command in ("/image", "/video"):
+            kind, path = command[1:], text[len(command) :].strip()
             try:
                 _check_vision(model, "chat")
-                pending += image_parts([path], "chat") if path else []
+                if path:
+                    pending += media_parts([path] if kind == "image" else [], [path] if kind == "video" else [], "chat")
             except SystemExit as err:
                 print(err, file=sys.stderr, flush=True)
                 continue
-            print(f"(image attached to the next message: {path})" if path else "usage: /image PATH", flush=True)
+            print(f"({kind} attached to the next message: {path})" if path else f"usage: {command} PATH", flush=True)
             continue
         history.append({"role": "user", "content": pending + [{"type": "text", "text": text}] if pending else text})
         pending = []
@@ -284,11 +310,12 @@ def register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate a reply to one prompt, streamed (reasoning shown apart)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--image", action="append", default=[], help="image file to show the model (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file to show the model (repeatable; PyAV)")
     _common(p)
     p.set_defaults(func=cmd_generate)
 
 
 def register_chat(sub) -> None:
-    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/image PATH, /reset, /exit)")
+    p = sub.add_parser("chat", help="interactive multi-turn chat on stdin (/image PATH, /video PATH, /reset, /exit)")
     _common(p)
     p.set_defaults(func=cmd_chat)

@@ -129,6 +129,60 @@ def test_chat_attaches_images_to_the_next_message(cli_tiny, capsys, monkeypatch,
     assert "/no/such.png: no such image file" in captured.err
 
 
+def _write_video(path, frames=7, fps=4):
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(3)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(frames):
+            pixels = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 8, 0), 8, 1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+def test_generate_with_image_and_video(cli_tiny, capsys, tmp_path):
+    """``--video``: after the images, before the prompt text; the reply equals the library's for those parts."""
+    model, tok = cli_tiny
+    image, video = _write_image(tmp_path / "a.png", 40, 30, 0), _write_video(tmp_path / "clip.mp4")
+    argv = ["generate", "--prompt", "What happens?", "--video", video, "--image", image, "--max-new-tokens", "10"]
+    assert main(argv + ["--temperature", "0", "--no-thinking"]) == 0
+    parts = [{"type": "image", "image": image}, {"type": "video", "video": video}]
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "What happens?"}]}]
+    ids, media = prepare(messages, tok, thinking=False)
+    assert media.grid_thw.shape[0] >= 2 and media.grid_thw[1:, 0].sum() >= 2  # the image, then video chunk(s)
+    expected, _ = expected_output(model, tok, messages, False, 10)
+    assert capsys.readouterr().out == expected
+    only_image, _ = expected_output(
+        model, tok, [{"role": "user", "content": [*parts[:1], messages[0]["content"][2]]}], False, 10
+    )
+    assert expected != only_image  # the video reached the model
+
+
+def test_bad_videos_are_named(cli_tiny, tmp_path):
+    pytest.importorskip("av")
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all")
+    with pytest.raises(SystemExit, match=f"k25jax generate: {junk}: not a readable video"):
+        main(["generate", "--prompt", "x", "--video", str(junk)])
+    with pytest.raises(SystemExit, match="k25jax generate: /no/such.mp4: no such video file"):
+        main(["generate", "--prompt", "x", "--video", "/no/such.mp4"])
+
+
+def test_chat_attaches_a_video_to_the_next_message(cli_tiny, capsys, monkeypatch, tmp_path):
+    model, tok = cli_tiny
+    video = _write_video(tmp_path / "clip.mp4", frames=3)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {video}\n/video\nDescribe it.\n"))
+    assert main(["chat", "--max-new-tokens", "6", "--temperature", "0", "--no-thinking"]) == 0
+    content = [{"type": "video", "video": video}, {"type": "text", "text": "Describe it."}]
+    expected, _ = expected_output(model, tok, [{"role": "user", "content": content}], False, 6)
+    attached = f"(video attached to the next message: {video})\nusage: /video PATH\n"
+    assert capsys.readouterr().out == f"{attached}=== turn 1 ===\n{expected}"
+
+
 def test_bad_mesh_is_named(cli_tiny):
     with pytest.raises(SystemExit, match=r"k25jax chat: --mesh data:8: .*expected NAME=SIZE"):
         main(["chat", "--model", "tiny", "--mesh", "data:8"])
