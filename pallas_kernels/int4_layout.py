@@ -93,7 +93,10 @@ def quantize(w: jax.Array, scale_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Arr
     wf = w.astype(jnp.float32).reshape(*lead, k // GROUP, GROUP, n)
     scales = (jnp.max(jnp.abs(wf), axis=-2, keepdims=True) / 7.5).astype(scale_dtype)
     sf = scales.astype(jnp.float32)
-    q = jnp.clip(jnp.round(wf / jnp.where(sf == 0, 1.0, sf)), -8, 7).astype(jnp.int32)
+    # XLA rewrites a division by a broadcast into a multiplication by the reciprocal, which is off by an ulp now and
+    # then and moves values lying on a rounding tie; the barrier keeps the true IEEE division (the numpy rule).
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(sf == 0, 1.0, sf), wf.shape))
+    q = jnp.clip(jnp.round(wf / divisor), -8, 7).astype(jnp.int32)
     return pack(q.reshape(*lead, k, n)), scales
 
 
