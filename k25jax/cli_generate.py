@@ -165,6 +165,7 @@ def media_parts(images: list[str], videos: list[str], command: str) -> list[dict
     """Chat content parts for image and video files (images first), each checked now so that a bad file fails
     before any generation. Videos are opened and probed for a video stream, not decoded."""
     from k25jax.vision import MediaError, load_image
+    from k25jax.vision.video import probe_video
 
     for path in images:
         try:
@@ -173,27 +174,10 @@ def media_parts(images: list[str], videos: list[str], command: str) -> list[dict
             raise SystemExit(f"k25jax {command}: {err}") from None
     for path in videos:
         try:
-            _probe_video(path)
+            probe_video(path)
         except MediaError as err:
             raise SystemExit(f"k25jax {command}: {err}") from None
     return [{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
-
-
-def _probe_video(path: str) -> None:
-    from k25jax.vision import MediaError
-
-    try:
-        import av
-    except ImportError:
-        raise MediaError(f"{path}: reading video files needs PyAV: pip install 'k25jax[video]'") from None
-    if not os.path.isfile(path):
-        raise MediaError(f"{path}: no such video file")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path}: the file holds no video stream")
-    except (av.FFmpegError, OSError, ValueError) as err:
-        raise MediaError(f"{path}: not a readable video ({err})") from None
 
 
 def _check_vision(model, command: str) -> None:

@@ -82,27 +82,39 @@ def sample_frames(times: Sequence[float], fps: float | None) -> list[int]:
     return [i for i, t in enumerate(times) if sampler.take(t)]
 
 
+def _open_video(what: str):
+    """``(av, container)`` for a video file holding a video stream, or a :class:`MediaError` naming the file."""
+    try:
+        import av
+    except ImportError:
+        raise MediaError(f"{what}: reading video files needs PyAV: pip install 'k25jax[video]'") from None
+    if not os.path.isfile(what):
+        raise MediaError(f"{what}: no such video file")
+    try:
+        container = av.open(what)
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise MediaError(f"{what}: not a readable video ({err})") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"{what}: the file holds no video stream")
+    return av, container
+
+
+def probe_video(path: str | os.PathLike) -> None:
+    """Check that ``path`` is a readable video with a video stream (headers only, nothing decoded)."""
+    _open_video(os.fspath(path))[1].close()
+
+
 def read_video(path: str | os.PathLike, fps: float | None = VIDEO_FPS) -> tuple[list[Image.Image], list[float]]:
     """Decode a video file with PyAV, keeping at most ``fps`` frames per second.
 
     Returns RGB frames and their times in seconds from the stream's start. Needs the ``video`` extra.
     """
     what = os.fspath(path)
-    try:
-        import av
-    except ImportError:
-        raise MediaError(f"{what}: reading video files needs PyAV: pip install 'k25jax[video]'") from None
-    if not os.path.isfile(path):
-        raise MediaError(f"{what}: no such video file")
-    try:
-        container = av.open(what)
-    except (av.FFmpegError, OSError, ValueError) as err:
-        raise MediaError(f"{what}: not a readable video ({err})") from None
+    av, container = _open_video(what)
     frames: list[Image.Image] = []
     times: list[float] = []
     with container:
-        if not container.streams.video:
-            raise MediaError(f"{what}: the file holds no video stream")
         stream = container.streams.video[0]
         base = stream.time_base
         start = float(stream.start_time * base) if stream.start_time is not None and base is not None else 0.0
