@@ -7,6 +7,7 @@ Every tensor in the files is used exactly once: missing, unexpected, mis-shaped 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -189,11 +190,13 @@ def load_release_sharded(
     param_dtype=None,
     kernels: str = "xla",
     config: K25Config | None = None,
+    progress: bool = True,
 ) -> K25:
     """Load a release directory straight onto ``mesh``: each parameter on its ``NamedSharding``.
 
     Per parameter, every distinct shard that this process's devices hold is assembled on the host from just
     the slices it needs (:func:`read_region`) and put on those devices; host memory holds one shard at a time.
+    ``progress`` shows the bytes this process has placed.
     """
     path = os.fspath(path)
     cfg = config or from_release_config(path)
@@ -206,20 +209,26 @@ def load_release_sharded(
     unmapped = set(flat) - set(slots)
     if unmapped:
         raise KeyError(f"model parameters with no release tensor: {sorted('/'.join(p) for p in unmapped)}")
+    plans = {}  # per parameter: distinct shard (start, stop per dim) -> the devices holding it
+    for p, var in flat.items():
+        by_index: dict[tuple, list] = defaultdict(list)
+        for device, index in shardings[p].addressable_devices_indices_map(tuple(var.shape)).items():
+            by_index[tuple(r.indices(s)[:2] for r, s in zip(index, var.shape, strict=True))].append(device)
+        plans[p] = by_index
+    total = sum(math.prod(b - a for a, b in key) * np.dtype(flat[p].dtype).itemsize for p in flat for key in plans[p])
     arrays = {}
-    with ReleaseReader(path) as reader:
+    with (
+        ReleaseReader(path) as reader,
+        tqdm(total=total, unit="B", unit_scale=True, desc="load release", disable=not progress) as bar,
+    ):
         check_tensors(reader, entries)
         for p, var in flat.items():
-            shape, sharding = tuple(var.shape), shardings[p]
-            by_index: dict[tuple, list] = defaultdict(list)
-            for device, index in sharding.addressable_devices_indices_map(shape).items():
-                key = tuple(r.indices(s)[:2] for r, s in zip(index, shape, strict=True))
-                by_index[key].append(device)
-            pieces = []
-            for key, devices in by_index.items():
+            shape, pieces = tuple(var.shape), []
+            for key, devices in plans[p].items():
                 host = read_region(reader, slots[p], shape, tuple(slice(a, b) for a, b in key), np.dtype(var.dtype))
                 pieces += [jax.device_put(host, d) for d in devices]
+                bar.update(host.nbytes)
                 del host
-            arrays[p] = jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+            arrays[p] = jax.make_array_from_single_device_arrays(shape, shardings[p], pieces)
     new_state = nnx.from_flat_state([(p, v.replace(arrays[p])) for p, v in flat.items()])
     return nnx.merge(graphdef, new_state)

@@ -8,7 +8,9 @@ straight onto its ``NamedSharding``: every process reads only the chunks coverin
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from collections.abc import Mapping
 
 import jax
@@ -44,6 +46,19 @@ def restore_target(model: K25, mesh: Mesh | None = None, strategy: str | Mapping
     )
 
 
+RESTORE_GROUP_BYTES = 4 << 30  # arrays are restored in groups of about this many bytes, for the progress bar
+
+
+def local_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
+    """Bytes of an array that this process's devices hold, each distinct shard counted once (replicas read once)."""
+    shards = {
+        tuple(r.indices(n)[:2] for r, n in zip(index, shape, strict=True))
+        for index in sharding.addressable_devices_indices_map(tuple(shape)).values()
+    }
+    itemsize = jnp.dtype(dtype).itemsize
+    return sum(math.prod(b - a for a, b in shard) for shard in shards) * itemsize
+
+
 def restore_checkpoint(
     path: str | os.PathLike,
     *,
@@ -52,26 +67,117 @@ def restore_checkpoint(
     compute_dtype=jnp.bfloat16,
     param_dtype=None,
     kernels: str = "xla",
+    progress: bool = True,
 ) -> K25:
     """Restore a k25jax checkpoint into a ready model, each array straight onto its sharding.
 
     Parameters are stored bf16 (INT4 experts as int32 words + bf16 scales, the correction bias float32);
-    ``param_dtype`` (default: ``compute_dtype``) other than bf16 is a cast on read, per shard.
+    ``param_dtype`` (default: ``compute_dtype``) other than bf16 is a cast on read, per shard. Arrays are
+    restored in groups of about :data:`RESTORE_GROUP_BYTES` (orbax partial restores; each group's arrays in
+    parallel) so that ``progress`` can show the bytes this process has read.
     """
     import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
 
     path = os.path.abspath(os.fspath(path))
     cfg = from_release_config(path)
     model = abstract_model(cfg, dtype=compute_dtype, param_dtype=param_dtype, kernels=kernels)
     graphdef, state = nnx.split(model)
     target = restore_target(model, mesh, strategy)
+    leaves = [(p, a, local_bytes(a.shape, a.dtype, a.sharding)) for p, a in _flatten(target)]
+    groups, size = [[]], 0
+    for leaf in leaves:
+        if size >= RESTORE_GROUP_BYTES:
+            groups, size = [*groups, []], 0
+        groups[-1].append(leaf)
+        size += leaf[2]
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    restored = checkpointer.restore(
-        path,
-        args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-    )
+    restored: dict = {}
+    total = sum(n for _, _, n in leaves)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="restore", disable=not progress) as bar:
+        for group in groups:
+            item = _unflatten((p, a) for p, a, _ in group)
+            args = ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=len(groups) > 1,
+            )
+            with _ReadTicker(bar, sum(n for _, _, n in group), enabled=progress):
+                for p, value in _flatten(checkpointer.restore(path, args=args)):
+                    _set(restored, p, value)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+class _ReadTicker:
+    """Advances ``bar`` by up to ``nbytes`` while a group restores, from the bytes this process has read so far
+    (``/proc/self/io``, Linux; elsewhere the bar moves once per group), then completes it exactly on exit. One
+    stacked expert array of K2.5 is 169 GB: without this the bar would stand still for minutes."""
+
+    def __init__(self, bar, nbytes: int, enabled: bool = True, interval: float = 0.5):
+        self.bar, self.nbytes, self.interval = bar, nbytes, interval
+        self.shown, self.lock, self.stop = 0, threading.Lock(), threading.Event()
+        self.start = _bytes_read() if enabled else None
+        self.thread = threading.Thread(target=self._run, daemon=True) if self.start is not None else None
+
+    def __enter__(self):
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            now = _bytes_read()
+            if now is None:
+                return
+            with self.lock:
+                target = min(now - self.start, self.nbytes - 1)  # the last byte waits for the restore to return
+                if target > self.shown:
+                    self.bar.update(target - self.shown)
+                    self.shown = target
+
+    def __exit__(self, *exc) -> bool:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if exc[0] is None:
+            with self.lock:
+                self.bar.update(self.nbytes - self.shown)
+        return False
+
+
+def _bytes_read() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> list[tuple[tuple, object]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out += _flatten(value, (*prefix, key))
+        else:
+            out.append(((*prefix, key), value))
+    return out
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _unflatten(items) -> dict:
+    tree: dict = {}
+    for path, value in items:
+        _set(tree, path, value)
+    return tree
 
 
 def load_model(
@@ -100,13 +206,25 @@ def load_model(
         raise FileNotFoundError(f"{path}: no such model directory")
     if is_checkpoint(path):
         return restore_checkpoint(
-            path, mesh=mesh, strategy=strategy, compute_dtype=compute_dtype, param_dtype=param_dtype, kernels=kernels
+            path,
+            mesh=mesh,
+            strategy=strategy,
+            compute_dtype=compute_dtype,
+            param_dtype=param_dtype,
+            kernels=kernels,
+            progress=progress,
         )
     # The release reader lives in the converter package (the only place that knows release tensor names).
     from convert.from_release import load_release, load_release_sharded
 
     if mesh is not None:
         return load_release_sharded(
-            path, mesh, strategy=strategy, dtype=compute_dtype, param_dtype=param_dtype, kernels=kernels
+            path,
+            mesh,
+            strategy=strategy,
+            dtype=compute_dtype,
+            param_dtype=param_dtype,
+            kernels=kernels,
+            progress=progress,
         )
     return load_release(path, dtype=compute_dtype, param_dtype=param_dtype, progress=progress, kernels=kernels)

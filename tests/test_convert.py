@@ -161,6 +161,77 @@ def test_restore_onto_mesh_places_each_expert_slice(converted, release_model, ax
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+class _RecordingBar:
+    """Stands in for tqdm: records the total and the updates."""
+
+    bars: list = []
+
+    def __init__(self, total=None, desc=None, disable=False, **_):
+        self.total, self.desc, self.done = total, desc, 0
+        _RecordingBar.bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        self.done += n
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "release"])
+def test_mesh_loads_report_progress_in_bytes(converted, release_model, monkeypatch, source):
+    """Onto a mesh, the progress bar counts the bytes this process reads, each distinct shard once; the checkpoint
+    is restored in several orbax partial restores (group size forced small) and is still exact."""
+    import tqdm.auto
+
+    from k25jax import checkpoint
+
+    cfg, release, ckpt = converted
+    monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
+    monkeypatch.setattr("convert.from_release.tqdm", _RecordingBar)
+    monkeypatch.setattr(checkpoint, "RESTORE_GROUP_BYTES", 256 << 10)
+    restores = []
+    original = ocp.Checkpointer.restore
+    monkeypatch.setattr(
+        ocp.Checkpointer, "restore", lambda self, *a, **k: restores.append(1) or original(self, *a, **k)
+    )
+    _RecordingBar.bars = []
+    mesh = make_mesh(expert=4, data=2)  # experts split 4 ways, replicated over data: those replicas are read once
+    model = load_model(ckpt if source == "checkpoint" else release, compute_dtype=jnp.float32, mesh=mesh)
+    helpers.assert_same_params(model, release_model)
+    [bar] = [b for b in _RecordingBar.bars if b.desc in ("restore", "load release")]
+    # one process holds every shard of every array here: the distinct shards add up to each array once
+    expected = sum(v.nbytes for _, v in nnx.to_flat_state(nnx.state(model)))
+    assert bar.total == bar.done == expected
+    if source == "checkpoint":
+        assert len(restores) > 3  # grouped partial restores
+        print(f"{len(restores)} partial restores, {expected} bytes")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="reads /proc/self/io (Linux)")
+def test_restore_bar_moves_while_a_group_is_read(tmp_path):
+    """Within one restore group (one 169 GB expert array for K2.5) the bar follows the bytes read so far."""
+    import time
+
+    from k25jax.checkpoint import _ReadTicker
+
+    data = tmp_path / "blob"
+    data.write_bytes(os.urandom(4 << 20))
+    bar = _RecordingBar(total=8 << 20)
+    with _ReadTicker(bar, 8 << 20, interval=0.01):
+        with open(data, "rb", buffering=0) as f:
+            while f.read(1 << 20):
+                pass
+        deadline = time.time() + 5
+        while bar.done < 4 << 20 and time.time() < deadline:
+            time.sleep(0.01)
+        during = bar.done
+    assert 4 << 20 <= during < 8 << 20  # followed the 4 MiB read, held back the rest
+    assert bar.done == 8 << 20  # completed exactly when the group returned
+
+
 def test_release_onto_mesh_reads_each_slice_once(converted, monkeypatch):
     """Streaming a release onto a mesh reads each expert tensor once and replicated tensors once, not per device."""
     cfg, release, _ = converted
