@@ -121,14 +121,15 @@ def raw_write(total: int, out: str) -> float:
     converter reading and writing the same disk cannot beat it; its ratio to ``cat`` is the ceiling of the
     conversion-vs-read ratio on this machine."""
     block = 16 << 20
-    cmd = ["dd", "if=/dev/zero", f"of={out}", f"bs={block}", f"count={max(1, total // block)}", "conv=fsync"]
+    count = max(1, total // block)
+    cmd = ["dd", "if=/dev/zero", f"of={out}", f"bs={block}", f"count={count}", "conv=fsync"]
     start = time.perf_counter()
     if subprocess.run([*cmd, "oflag=direct"], stderr=subprocess.DEVNULL).returncode:  # tmpfs: no O_DIRECT
         start = time.perf_counter()
         subprocess.run(cmd, stderr=subprocess.DEVNULL, check=True)
     seconds = time.perf_counter() - start
     os.remove(out)
-    return max(1, total // block) * block / total * seconds  # normalised to ``total`` bytes
+    return seconds * total / (count * block)  # the time ``total`` bytes take at the measured rate
 
 
 def settle(cold: bool) -> None:

@@ -7,7 +7,6 @@ Every tensor in the files is used exactly once: missing, unexpected, mis-shaped 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from convert.keymap import Entry, release_entries
 from convert.release import ReleaseError, ReleaseReader
 from k25jax.config import K25Config, from_release_config
 from k25jax.model import K25, abstract_model
-from k25jax.sharding import state_shardings
+from k25jax.sharding import local_bytes, local_shards, state_shardings
 
 MAX_LISTED = 8
 
@@ -209,13 +208,7 @@ def load_release_sharded(
     unmapped = set(flat) - set(slots)
     if unmapped:
         raise KeyError(f"model parameters with no release tensor: {sorted('/'.join(p) for p in unmapped)}")
-    plans = {}  # per parameter: distinct shard (start, stop per dim) -> the devices holding it
-    for p, var in flat.items():
-        by_index: dict[tuple, list] = defaultdict(list)
-        for device, index in shardings[p].addressable_devices_indices_map(tuple(var.shape)).items():
-            by_index[tuple(r.indices(s)[:2] for r, s in zip(index, var.shape, strict=True))].append(device)
-        plans[p] = by_index
-    total = sum(math.prod(b - a for a, b in key) * np.dtype(flat[p].dtype).itemsize for p in flat for key in plans[p])
+    total = sum(local_bytes(var.shape, var.dtype, shardings[p]) for p, var in flat.items())
     arrays = {}
     with (
         ReleaseReader(path) as reader,
@@ -224,7 +217,7 @@ def load_release_sharded(
         check_tensors(reader, entries)
         for p, var in flat.items():
             shape, pieces = tuple(var.shape), []
-            for key, devices in plans[p].items():
+            for key, devices in local_shards(shape, shardings[p]).items():
                 host = read_region(reader, slots[p], shape, tuple(slice(a, b) for a, b in key), np.dtype(var.dtype))
                 pieces += [jax.device_put(host, d) for d in devices]
                 bar.update(host.nbytes)

@@ -8,19 +8,18 @@ straight onto its ``NamedSharding``: every process reads only the chunks coverin
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from k25jax.config import from_release_config
 from k25jax.model import K25, abstract_model
-from k25jax.sharding import state_shardings
+from k25jax.sharding import local_bytes, state_shardings
 
 CHECKPOINT_MARKER = "k25jax_checkpoint.json"  # present only in a complete checkpoint
 FORMAT_VERSION = 1
@@ -49,16 +48,6 @@ def restore_target(model: K25, mesh: Mesh | None = None, strategy: str | Mapping
 RESTORE_GROUP_BYTES = 4 << 30  # arrays are restored in groups of about this many bytes, for the progress bar
 
 
-def local_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
-    """Bytes of an array that this process's devices hold, each distinct shard counted once (replicas read once)."""
-    shards = {
-        tuple(r.indices(n)[:2] for r, n in zip(index, shape, strict=True))
-        for index in sharding.addressable_devices_indices_map(tuple(shape)).values()
-    }
-    itemsize = jnp.dtype(dtype).itemsize
-    return sum(math.prod(b - a for a, b in shard) for shard in shards) * itemsize
-
-
 def restore_checkpoint(
     path: str | os.PathLike,
     *,
@@ -84,7 +73,7 @@ def restore_checkpoint(
     model = abstract_model(cfg, dtype=compute_dtype, param_dtype=param_dtype, kernels=kernels)
     graphdef, state = nnx.split(model)
     target = restore_target(model, mesh, strategy)
-    leaves = [(p, a, local_bytes(a.shape, a.dtype, a.sharding)) for p, a in _flatten(target)]
+    leaves = [(p, a, local_bytes(a.shape, a.dtype, a.sharding)) for p, a in traverse_util.flatten_dict(target).items()]
     groups, size = [[]], 0
     for leaf in leaves:
         if size >= RESTORE_GROUP_BYTES:
@@ -93,18 +82,17 @@ def restore_checkpoint(
         size += leaf[2]
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     restored: dict = {}
-    total = sum(n for _, _, n in leaves)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="restore", disable=not progress) as bar:
+    with tqdm(total=sum(n for *_, n in leaves), unit="B", unit_scale=True, desc="restore", disable=not progress) as bar:
         for group in groups:
-            item = _unflatten((p, a) for p, a, _ in group)
+            item = traverse_util.unflatten_dict({p: a for p, a, _ in group})
             args = ocp.args.PyTreeRestore(
                 item=item,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                 partial_restore=len(groups) > 1,
             )
-            with _ReadTicker(bar, sum(n for _, _, n in group), enabled=progress):
-                for p, value in _flatten(checkpointer.restore(path, args=args)):
-                    _set(restored, p, value)
+            with _ReadTicker(bar, sum(n for *_, n in group), enabled=progress):
+                restored.update(traverse_util.flatten_dict(checkpointer.restore(path, args=args)))
+    restored = traverse_util.unflatten_dict(restored)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
 
@@ -155,29 +143,6 @@ def _bytes_read() -> int | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> list[tuple[tuple, object]]:
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out += _flatten(value, (*prefix, key))
-        else:
-            out.append(((*prefix, key), value))
-    return out
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _unflatten(items) -> dict:
-    tree: dict = {}
-    for path, value in items:
-        _set(tree, path, value)
-    return tree
 
 
 def load_model(

@@ -167,14 +167,9 @@ def media_parts(images: list[str], videos: list[str], command: str) -> list[dict
     from k25jax.vision import MediaError, load_image
     from k25jax.vision.video import probe_video
 
-    for path in images:
+    for check, path in [(load_image, p) for p in images] + [(probe_video, p) for p in videos]:
         try:
-            load_image(path)
-        except MediaError as err:
-            raise SystemExit(f"k25jax {command}: {err}") from None
-    for path in videos:
-        try:
-            probe_video(path)
+            check(path)
         except MediaError as err:
             raise SystemExit(f"k25jax {command}: {err}") from None
     return [{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]

@@ -143,6 +143,15 @@ class Experts(nnx.Module):
         gate, up, down = (self.weight(n) for n in self.WEIGHTS)
         return expert_swiglu(x_sorted, group_sizes, gate, up, down, dtype=self.dtype, kernels=self.kernels)
 
+    def swiglu_one(self, x: jax.Array, expert: jax.Array) -> jax.Array:
+        """SwiGLU of ``x [..., D]`` (compute dtype) through one ``expert`` (only its weights are read) -> float32."""
+
+        def mm(a, name):
+            return jnp.dot(a, self.expert_weight(name, expert), preferred_element_type=jnp.float32)
+
+        hidden = (jax.nn.silu(mm(x, "gate_proj")) * mm(x, "up_proj")).astype(self.dtype)
+        return mm(hidden, "down_proj")
+
     def tiled(self, x_sorted: jax.Array, group_sizes: jax.Array, tile: int | None = None) -> jax.Array:
         """The grouped SwiGLU as a scan over row tiles, each tile within one expert's group: only the experts that
         have rows are computed (and dequantized), ``TILE_ROWS`` rows at a time. Same math per row as
@@ -159,18 +168,11 @@ class Experts(nnx.Module):
         expert = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), e_count - 1)
         row0 = starts[expert] + (t - (tile_end - tiles)[expert]) * tm
         limit = jnp.where(t < tile_end[-1], ends[expert], 0)  # rows below this belong to the tile's expert
-        dt = self.dtype
-        x_padded = jnp.pad(x_sorted.astype(dt), ((0, tm), (0, 0)))
+        x_padded = jnp.pad(x_sorted.astype(self.dtype), ((0, tm), (0, 0)))
         offsets = jnp.arange(tm)
 
         def compute(out, e, r0, lim):
-            x = jax.lax.dynamic_slice_in_dim(x_padded, r0, tm)
-
-            def mm(a, name):
-                return jnp.dot(a, self.expert_weight(name, e), preferred_element_type=jnp.float32)
-
-            hidden = (jax.nn.silu(mm(x, "gate_proj")) * mm(x, "up_proj")).astype(dt)
-            y = mm(hidden, "down_proj")
+            y = self.swiglu_one(jax.lax.dynamic_slice_in_dim(x_padded, r0, tm), e)
             current = jax.lax.dynamic_slice_in_dim(out, r0, tm)
             mask = (r0 + offsets < lim)[:, None]  # a tile's last rows may belong to the next group: keep those
             return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask, y, current), r0, 0)
@@ -292,12 +294,7 @@ def per_pair_experts(tokens: jax.Array, weights: jax.Array, experts: jax.Array, 
 
     def one(_, pair):
         x, e = pair
-
-        def mm(a, name):
-            return jnp.dot(a, routed.expert_weight(name, e), preferred_element_type=jnp.float32)
-
-        hidden = (jax.nn.silu(mm(x, "gate_proj")) * mm(x, "up_proj")).astype(dt)
-        return None, mm(hidden, "down_proj")
+        return None, routed.swiglu_one(x, e)
 
     _, out = jax.lax.scan(one, None, (rows, experts.reshape(-1)))
     return jnp.einsum("nkd,nk->nd", out.reshape(n, k, -1), weights.astype(jnp.float32))

@@ -327,6 +327,22 @@ def shard_bytes(shape: tuple[int, ...], dtype, spec: PartitionSpec, mesh: AnyMes
 # --------------------------------------------------------------------------------------------------------
 
 
+def local_shards(shape: tuple[int, ...], sharding) -> dict[tuple[tuple[int, int], ...], list]:
+    """The distinct shards of an array that this process's devices hold: ``((start, stop) per dim) -> devices``
+    (replicas of one shard share an entry, so that it is read once)."""
+    shards: dict[tuple[tuple[int, int], ...], list] = {}
+    for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+        key = tuple(r.indices(n)[:2] for r, n in zip(index, shape, strict=True))
+        shards.setdefault(key, []).append(device)
+    return shards
+
+
+def local_bytes(shape: tuple[int, ...], dtype, sharding) -> int:
+    """Bytes of an array that this process's devices hold, each distinct shard counted once."""
+    itemsize = np.dtype(dtype).itemsize
+    return sum(math.prod(b - a for a, b in key) for key in local_shards(shape, sharding)) * itemsize
+
+
 def active_mesh() -> AbstractMesh | None:
     """The mesh set by ``jax.set_mesh`` (or :func:`use_mesh`) when it spans more than one device, else None."""
     mesh = jax.sharding.get_abstract_mesh()
