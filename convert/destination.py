@@ -26,15 +26,8 @@ class DestinationError(ValueError):
     """The output path cannot be used. The message names it and says what to do."""
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (its entries) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -105,7 +98,7 @@ class Destination:
                 f.write(json.dumps({"header": header}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            fsync_dir(self.partial)
+            fsync_path(self.partial)
         self._journal = open(journal, "a", encoding="utf-8")  # noqa: SIM115 (kept open until finish)
         return done
 
@@ -122,10 +115,10 @@ class Destination:
         """Make ``files`` (written since the last commit) durable, then journal ``keys`` as finished."""
         dirs = set()
         for f in files:
-            fsync_file(f)
+            fsync_path(f)
             dirs.add(os.path.dirname(f))
         for d in dirs:
-            fsync_dir(d)
+            fsync_path(d)
         if keys:
             self._journal.write(json.dumps({"done": keys}) + "\n")
             self._journal.flush()
@@ -136,7 +129,7 @@ class Destination:
         self._journal.close()
         os.remove(os.path.join(self.partial, JOURNAL_NAME))
         os.remove(os.path.join(self.partial, LOCK_NAME))
-        fsync_dir(self.partial)
+        fsync_path(self.partial)
         old = None
         if os.path.isdir(self.path):
             if os.listdir(self.path):
@@ -145,7 +138,7 @@ class Destination:
             else:
                 os.rmdir(self.path)
         os.rename(self.partial, self.path)
-        fsync_dir(os.path.dirname(self.path))
+        fsync_path(os.path.dirname(self.path))
         if old:
             shutil.rmtree(old)
         self.close()

@@ -23,17 +23,6 @@ pytestmark = pytest.mark.reference
 NEW_TOKENS = 32
 
 
-def _hf_greedy(hf, prompt, new_tokens):
-    out = hf.generate(
-        input_ids=torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_greedy_generation_matches_transformers(tmp_path):
     cfg = configs.grouped()
     hf = oracle.make_hf_kimi_model(cfg, seed=2)
@@ -43,7 +32,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     model = load_model(path, compute_dtype=jnp.float32, progress=False)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, 1024, n).tolist() for n in (11, 4, 23)]
-    expected = [_hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    expected = [_hf_greedy_media(hf, p, None, NEW_TOKENS) for p in prompts]
     # All three prompts in one batch (different lengths), and the first one alone.
     ours = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, stop_token_ids=())
     alone = generate(model, prompts[:1], max_new_tokens=NEW_TOKENS, temperature=0.0, stop_token_ids=())
