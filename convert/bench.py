@@ -33,10 +33,11 @@ import time
 
 import numpy as np
 
-from convert.keymap import release_entries
-from convert.release import INDEX_NAME
 from convert.to_release import header_bytes, plan_shards, source_nbytes
 from k25jax.config import VisionConfig, k25
+from k25jax.release.config import to_release_config
+from k25jax.release.keymap import release_entries
+from k25jax.release.reader import INDEX_NAME
 
 POOL_BYTES = 64 << 20
 
@@ -93,7 +94,7 @@ def generate(cfg, out: str, shard_bytes: int, seed: int = 0) -> int:
     with open(os.path.join(out, INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg.to_release_dict(), f, indent=2)
+        json.dump(to_release_config(cfg), f, indent=2)
     return total
 
 

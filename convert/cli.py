@@ -19,10 +19,10 @@ def _fail(command: str, err: BaseException) -> int:
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     from convert.destination import DestinationError
-    from convert.release import ReleaseError
     from convert.to_orbax import ConvertError
     from convert.to_release import ExportError
     from k25jax.config import ConfigError
+    from k25jax.release.reader import ReleaseError
 
     return (ReleaseError, ConvertError, ExportError, DestinationError, ConfigError, FileNotFoundError)
 

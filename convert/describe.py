@@ -13,11 +13,12 @@ import os
 from collections import Counter
 
 from convert.destination import JOURNAL_NAME, PARTIAL_SUFFIX, read_journal
-from convert.keymap import release_entries
 from convert.orbax_format import read_array_specs
-from convert.release import INDEX_NAME, SINGLE_NAME, ReleaseError, ReleaseReader
 from k25jax.checkpoint import CHECKPOINT_MARKER
-from k25jax.config import K25Config, from_release_config
+from k25jax.config import K25Config
+from k25jax.release.config import from_release_config
+from k25jax.release.keymap import release_entries
+from k25jax.release.reader import INDEX_NAME, SINGLE_NAME, ReleaseError, ReleaseReader
 
 
 def _params(cfg: K25Config) -> dict[str, int]:
@@ -73,7 +74,7 @@ def config_summary(cfg: K25Config) -> dict:
 
 
 def inspect_release(path: str) -> dict:
-    from convert.from_release import check_tensors
+    from k25jax.release.loader import check_tensors
 
     cfg = from_release_config(path)
     reader = ReleaseReader(path)

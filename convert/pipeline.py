@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from convert.keymap import Entry
 from convert.orbax_format import aligned_empty
-from convert.release import ReleaseReader
+from k25jax.release.keymap import Entry
+from k25jax.release.reader import ReleaseReader
 
 PREFETCH_BYTES = 128 << 20  # source bytes announced to the kernel ahead of the reads (queue depth > 1)
 POOL_BYTES = 256 << 20  # free buffers kept for reuse

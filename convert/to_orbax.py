@@ -33,8 +33,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from convert.destination import Destination
-from convert.from_release import check_tensors
-from convert.keymap import Entry, release_entries
 from convert.orbax_format import (
     RELEASE_INDEX,
     TMP_SUFFIX,
@@ -45,11 +43,14 @@ from convert.orbax_format import (
     write_zarray,
 )
 from convert.pipeline import Budget, BufferPool, Committer, Unit, reader_thread
-from convert.release import INDEX_NAME, ReleaseError, ReleaseReader
 from k25jax.checkpoint import CHECKPOINT_MARKER, FORMAT_VERSION
-from k25jax.config import ConfigError, K25Config, from_release_config
+from k25jax.config import ConfigError, K25Config
 from k25jax.model import abstract_model
 from k25jax.quant import GROUP
+from k25jax.release.config import from_release_config
+from k25jax.release.keymap import Entry, release_entries
+from k25jax.release.loader import check_tensors
+from k25jax.release.reader import INDEX_NAME, ReleaseError, ReleaseReader
 from k25jax.transpose import use_allocator
 
 COMMIT_BYTES = 1 << 30  # fsync + journal at least every GiB of source data (and every COMMIT_SECONDS)
@@ -201,7 +202,7 @@ def convert_release(
     """Convert the release directory ``src`` into the orbax checkpoint ``dst``; returns a summary dict.
 
     Routed experts stay INT4 (repacked to the device layout), everything else keeps its release dtype (bf16;
-    the correction bias float32). Raises :class:`~convert.release.ReleaseError` / :class:`ConvertError` /
+    the correction bias float32). Raises :class:`~k25jax.release.reader.ReleaseError` / :class:`ConvertError` /
     :class:`~convert.destination.DestinationError` with one-line messages naming the file and tensor.
     """
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))

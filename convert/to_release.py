@@ -34,13 +34,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from convert.destination import Destination
-from convert.keymap import Entry, Source, release_entries
 from convert.orbax_format import RELEASE_INDEX, read_array_specs, tensorstore_spec
-from convert.release import DTYPE_BYTES, INDEX_NAME, NUMPY_DTYPES
 from k25jax import quant
 from k25jax.checkpoint import CHECKPOINT_MARKER, is_checkpoint
-from k25jax.config import K25Config, QuantConfig, from_release_config
+from k25jax.config import K25Config, QuantConfig
 from k25jax.model import K25
+from k25jax.release.config import from_release_config, to_release_config
+from k25jax.release.keymap import Entry, Source, release_entries
+from k25jax.release.reader import DTYPE_BYTES, INDEX_NAME, NUMPY_DTYPES
 
 DEFAULT_SHARD_BYTES = 5 << 30
 BLOCK_BYTES = 16 << 20  # row block size for streaming big tensors
@@ -243,7 +244,7 @@ def write_release(
             os.fsync(fd)
             os.close(fd)
         fds.clear()
-        _write_json(os.path.join(dest.partial, "config.json"), config or cfg.to_release_dict(), indent=2)
+        _write_json(os.path.join(dest.partial, "config.json"), config or to_release_config(cfg), indent=2)
         for name, src in (side_files or {}).items():
             if name not in ("config.json", INDEX_NAME):
                 shutil.copyfile(src, os.path.join(dest.partial, name))

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from k25jax.config import from_release_config
 from k25jax.model import K25, abstract_model
+from k25jax.release.config import from_release_config
 from k25jax.sharding import local_bytes, state_shardings
 
 CHECKPOINT_MARKER = "k25jax_checkpoint.json"  # present only in a complete checkpoint
@@ -180,7 +180,7 @@ def load_model(
             progress=progress,
         )
     # The release reader lives in the converter package (the only place that knows release tensor names).
-    from convert.from_release import load_release, load_release_sharded
+    from k25jax.release.loader import load_release, load_release_sharded
 
     if mesh is not None:
         return load_release_sharded(

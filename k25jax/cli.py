@@ -60,13 +60,22 @@ def _plan_registrar(sub) -> None:
     register_plan(sub)
 
 
-def _convert_registrars():
-    from convert.cli import REGISTRARS as convert_registrars  # the converters live in the convert package
-
-    return convert_registrars
+PLUGIN_GROUP = "k25jax.commands"  # entry points adding subcommands (the converters' convert / export / inspect)
 
 
-REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar, *_convert_registrars()]
+def _plugin_registrars():
+    """Subcommands other packages add through the ``k25jax.commands`` entry-point group (each entry point names a
+    list of ``register(subparsers)`` functions). The converters register this way, so the library never imports
+    the ``convert`` package (imports flow ``convert -> k25jax``)."""
+    from importlib.metadata import entry_points
+
+    registrars = []
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        registrars.extend(entry.load())
+    return registrars
+
+
+REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar, *_plugin_registrars()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ under a top-level ``kimi_k25`` config; ``quantization_config`` sits at the top l
 
 Every required field missing, every unsupported value and every inconsistency raises :class:`ConfigError`
 naming the field (``text_config.n_group`` ...). See ``shared/docs/k25-architecture.md`` section 1. The readers
-and writers (release ``config.json``, YAML presets) are in :mod:`k25jax.release_config`, re-exported here.
+and writers (release ``config.json``, YAML presets) are in :mod:`k25jax.release.config`.
 """
 
 from __future__ import annotations
@@ -270,12 +270,6 @@ class K25Config:
     def replace(self, **changes: Any) -> K25Config:
         return dataclasses.replace(self, **changes)
 
-    def to_release_dict(self) -> dict:
-        """The config as a release ``config.json`` dict (inverse of :func:`from_release_config`)."""
-        from k25jax import release_config
-
-        return release_config.to_release_config(self)
-
 
 # --------------------------------------------------------------------------------------------------------
 # Helpers
@@ -425,12 +419,3 @@ def preset(name: str) -> K25Config:
         return PRESETS[name]()
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
-
-
-# The release / YAML readers and writers live in k25jax.release_config; re-exported here, where users look.
-from k25jax.release_config import dump_yaml as dump_yaml  # noqa: E402
-from k25jax.release_config import from_release_config as from_release_config  # noqa: E402
-from k25jax.release_config import load_yaml as load_yaml  # noqa: E402
-from k25jax.release_config import parse_text_config as parse_text_config  # noqa: E402
-from k25jax.release_config import parse_vision_config as parse_vision_config  # noqa: E402
-from k25jax.release_config import to_release_config as to_release_config  # noqa: E402

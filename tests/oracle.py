@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from k25jax.config import K25Config
+from k25jax.release.config import to_release_config
 
 torch.set_grad_enabled(False)
 
@@ -308,7 +309,7 @@ def write_release(
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = cfg.to_release_dict()
+    config = to_release_config(cfg)
     if extra_config:
         config.update(extra_config)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

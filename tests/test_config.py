@@ -6,14 +6,15 @@ import os
 
 import pytest
 
-from k25jax.config import ConfigError, from_release_config, k25, load_yaml, preset, tiny
+from k25jax.config import ConfigError, k25, preset, tiny
+from k25jax.release.config import from_release_config, load_yaml, to_release_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def release_dict():
     """A config.json in the shape Moonshot ships it (rope_scaling with 'type', quantization at both levels)."""
-    return k25().to_release_dict()
+    return to_release_config(k25())
 
 
 def test_k25_release_config_values():
@@ -99,12 +100,12 @@ def test_error_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("name", ["k25", "k26", "tiny"])
 def test_yaml_presets_match_python_presets(name):
-    """configs/*.yaml are written by k25jax.config.dump_yaml(preset(name), path); they must stay in sync."""
+    """configs/*.yaml are written by k25jax.release.config.dump_yaml(preset(name), path); they must stay in sync."""
     assert load_yaml(os.path.join(CONFIGS, f"{name}.yaml")) == preset(name)
 
 
 def test_tiny_round_trips_through_release_dict():
-    assert from_release_config(tiny().to_release_dict()) == tiny().replace(name="custom")
+    assert from_release_config(to_release_config(tiny())) == tiny().replace(name="custom")
 
 
 def test_unknown_preset():

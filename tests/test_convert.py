@@ -15,10 +15,10 @@ import pytest
 from flax import nnx, traverse_util
 
 from convert.orbax_format import TMP_SUFFIX, choose_chunks
-from convert.release import ReleaseReader
 from convert.to_orbax import convert_release
 from k25jax import abstract_model, load_model
 from k25jax.checkpoint import CHECKPOINT_MARKER, restore_target
+from k25jax.release.reader import ReleaseReader
 from k25jax.sharding import make_mesh
 
 import configs
@@ -190,7 +190,7 @@ def test_mesh_loads_report_progress_in_bytes(converted, release_model, monkeypat
 
     cfg, release, ckpt = converted
     monkeypatch.setattr(tqdm.auto, "tqdm", _RecordingBar)
-    monkeypatch.setattr("convert.from_release.tqdm", _RecordingBar)
+    monkeypatch.setattr("k25jax.release.loader.tqdm", _RecordingBar)
     monkeypatch.setattr(checkpoint, "RESTORE_GROUP_BYTES", 256 << 10)
     restores = []
     original = ocp.Checkpointer.restore

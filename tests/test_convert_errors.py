@@ -211,8 +211,8 @@ def test_inspect_errors(tmp_path, capsys):
 
 def test_load_model_reports_bad_release(good, tmp_path):
     """``load_model`` on a mesh goes through the same checks."""
-    from convert.release import ReleaseError
     from k25jax import load_model
+    from k25jax.release.reader import ReleaseError
     from k25jax.sharding import make_mesh
 
     release = _copy(good, tmp_path)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from convert.keymap import release_entries
-from convert.release import NUMPY_DTYPES, ReleaseReader
 from convert.to_release import export_checkpoint, export_model
 from k25jax import build_model, load_model
 from k25jax.checkpoint import CHECKPOINT_MARKER
 from k25jax.cli import main
 from k25jax.quant import Int4Array
+from k25jax.release.keymap import release_entries
+from k25jax.release.reader import NUMPY_DTYPES, ReleaseReader
 
 import configs
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from convert.describe import _params, inspect_path
-from convert.release import ReleaseReader
 from convert.to_orbax import convert_release
 from k25jax import abstract_model, count_params
 from k25jax.cli import main
 from k25jax.config import k25
+from k25jax.release.reader import ReleaseReader
 
 import configs
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert.keymap import release_tensor_count
-from convert.release import ReleaseError
 from k25jax import load_model
+from k25jax.release.keymap import release_tensor_count
+from k25jax.release.reader import ReleaseError
 
 import configs
 import oracle

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.keymap import release_entries, release_tensor_count
 from k25jax import abstract_model, build_model, count_params
 from k25jax.config import k25, tiny
+from k25jax.release.keymap import release_entries, release_tensor_count
 from k25jax.sharding import LOGICAL_AXES
 
 

@@ -430,5 +430,5 @@ def dump_yaml(cfg: K25Config, path: str | os.PathLike) -> None:
     import yaml
 
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# {cfg.name}: model preset in the release config.json layout (k25jax.config.load_yaml reads it).\n")
+        f.write(f"# {cfg.name}: model preset in the release config.json layout (k25jax.release.config.load_yaml).\n")
         yaml.safe_dump(to_release_config(cfg), f, sort_keys=False)

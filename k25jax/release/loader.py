@@ -1,7 +1,7 @@
 """Import a release directory into a k25jax model: host-side tensor by tensor, or straight onto a mesh.
 
 Every tensor in the files is used exactly once: missing, unexpected, mis-shaped or mis-typed tensors raise
-:class:`~convert.release.ReleaseError` naming them (and their file).
+:class:`~k25jax.release.reader.ReleaseError` naming them (and their file).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from convert.keymap import Entry, release_entries
-from convert.release import ReleaseError, ReleaseReader
-from k25jax.config import K25Config, from_release_config
+from k25jax.config import K25Config
 from k25jax.model import K25, abstract_model
+from k25jax.release.config import from_release_config
+from k25jax.release.keymap import Entry, release_entries
+from k25jax.release.reader import ReleaseError, ReleaseReader
 from k25jax.sharding import local_bytes, local_shards, state_shardings
 
 MAX_LISTED = 8
@@ -158,7 +159,7 @@ def read_region(
     """The block ``region`` (one slice per dim) of the parameter whose slots are ``slots``, read from the files.
 
     Each stacked slot in the region is read whole (then cut), except for row-mapped entries (plain transposes
-    and copies, :attr:`~convert.keymap.Entry.row_axis`), of which only the needed source rows are read.
+    and copies, :attr:`~k25jax.release.keymap.Entry.row_axis`), of which only the needed source rows are read.
     """
     n = len(next(iter(slots)))
     bounds = [r.indices(size)[:2] for r, size in zip(region, shape, strict=True)]
