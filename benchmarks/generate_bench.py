@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from k25jax import load_model  # noqa: E402
-from k25jax.config import tiny  # noqa: E402
+from k25jax.config import RunConfig, tiny  # noqa: E402
 from k25jax.generate import generate  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls on both sides
@@ -112,7 +112,7 @@ def main(argv=None):
     hf.generation_config.eos_token_id = None
     with tempfile.TemporaryDirectory() as tmp:
         oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp, num_shards=1)
-        model = load_model(tmp, compute_dtype=jnp.float32, progress=False)
+        model = load_model(tmp, RunConfig(compute_dtype=jnp.float32), progress=False)
 
     t = cfg.text
     print(

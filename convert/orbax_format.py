@@ -11,14 +11,14 @@ memory (a stacked expert weight of K2.5 is 169 GB), so the converter writes the 
   little-endian bytes of that block in the array's order (edge chunks padded to the full chunk shape). The
   converter writes chunk files itself (:func:`write_chunks`: temporary file + rename, so a chunk is whole or
   absent) because tensorstore's writer cost ~6x more system time per byte on the dev box; tensorstore and
-  orbax read them (``tests/test_checkpoint.py`` restores with plain orbax calls);
+  orbax read them (``tests/test_convert.py`` restores with orbax's public checkpointers);
 - chunks are in C order. (zarr's Fortran order would make a chunk of an ``[in, out]`` weight byte-identical to
   the release's ``[out, in]`` tensor and the conversion a plain copy, but tensorstore then transposes while
   decoding and restores of those arrays ran 3-5x slower on the dev box; restores are the frequent operation,
   so the converter transposes once instead, with :func:`k25jax.transpose.transpose2d`);
 - ``_METADATA`` (the tree: key paths and per-leaf value metadata), ``array_metadatas/process_0`` and
-  ``_CHECKPOINT_METADATA`` are written as orbax 0.12 writes them; ``tests/test_checkpoint.py`` restores the
-  result with plain orbax calls.
+  ``_CHECKPOINT_METADATA`` are written as orbax 0.12 writes them (pyproject.toml pins orbax-checkpoint to 0.12.x,
+  the range tested; ``tests/test_orbax_format.py`` checks the installed version is in it).
 
 Chunks are aligned to what the converter writes at once: one chunk per stacked slot (layer, expert) at most,
 further split along the dims a sharding would split (vocabulary, heads, MLP widths: the dims the sharding

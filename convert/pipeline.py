@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,17 +138,14 @@ def reader_thread(reader, units, out: queue.Queue, budget: Budget, stop: threadi
 class Committer(threading.Thread):
     """Makes finished work durable off the main thread: fsync the chunk files, then journal the entries.
 
-    Commits run in submission order, so the journal only ever names entries whose files are synced. With
-    ``pause_after`` (tests), it stops for an hour once that many entries are journaled, so a test can kill the
-    process at a known point while the other threads go on writing.
+    Commits run in submission order, so the journal only ever names entries whose files are synced.
     """
 
-    def __init__(self, commit, pause_after: int = 0, on_pause=None):
+    def __init__(self, commit):
         super().__init__(daemon=True)
-        self.commit, self.pause_after, self.on_pause = commit, pause_after, on_pause
+        self.commit = commit
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.committed = 0
 
     def submit(self, keys: list[str], files: list[str]) -> None:
         if self.error is not None:
@@ -164,12 +160,6 @@ class Committer(threading.Thread):
                 self.commit(*job)
             except BaseException as e:  # raised in the main thread by the next submit / finish
                 self.error = e
-                continue
-            self.committed += len(job[0])
-            if self.pause_after and self.committed >= self.pause_after:
-                if self.on_pause:
-                    self.on_pause(self.committed)
-                time.sleep(3600)
 
     def finish(self) -> None:
         self.jobs.put(None)

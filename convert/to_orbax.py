@@ -4,7 +4,8 @@ Work is cut into *units*: one release entry (an INT4 expert projection's packed 
 norm, ...) or a block of rows of a big one (the embedding and lm_head, in chunk-sized row blocks). Units run in
 file order through a pipeline (``convert.pipeline``): a reader thread ``pread``\\ s the source bytes into pooled
 buffers, worker threads apply the keymap's layout move (transposes with :func:`k25jax.transpose.transpose2d`,
-reshapes, the INT4 nibble flip: never a dtype change) and write the chunk files (``O_DIRECT`` from aligned
+reshapes, the INT4 nibble flip: never a dtype change, except a float tensor stored in another float dtype than the
+release uses, which is cast to it as in the loader) and write the chunk files (``O_DIRECT`` from aligned
 buffers), and the main thread retires units in order. The stages are bounded in bytes, so host memory stays at a
 few times the largest unit whatever the model size.
 
@@ -49,14 +50,13 @@ from k25jax.model import abstract_model
 from k25jax.quant import GROUP
 from k25jax.release.config import from_release_config
 from k25jax.release.keymap import Entry, release_entries
-from k25jax.release.loader import check_tensors
+from k25jax.release.loader import as_release_dtype, check_tensors
 from k25jax.release.reader import INDEX_NAME, ReleaseError, ReleaseReader
 from k25jax.transpose import use_allocator
 
 COMMIT_BYTES = 1 << 30  # fsync + journal at least every GiB of source data (and every COMMIT_SECONDS)
 COMMIT_SECONDS = 10.0
 MIN_BUDGET = 256 << 20  # bytes in flight per pipeline stage (or twice the largest unit, if more)
-PAUSE_ENV = "K25JAX_CONVERT_PAUSE_AFTER"  # tests: stop (sleep) after this many entries are committed
 COPY_LIMIT = 256 << 20  # release side files (tokenizer, templates) up to this size are copied along
 
 
@@ -159,6 +159,9 @@ def _regions(unit: Unit, specs) -> list[tuple[tuple, ArraySpec]]:
 def _transform(unit: Unit, arrays, specs, reader: ReleaseReader) -> list[tuple[tuple, ArraySpec, np.ndarray]]:
     entry = unit.entry
     file = os.path.join(reader.path, reader.tensors[entry.key].file)
+    # A float tensor stored in another float dtype than the release uses: cast as the loader does (check_tensors
+    # vetted it and warned if it rounds). A row-block unit holds the first source only.
+    arrays = [as_release_dtype(a, s) for a, s in zip(arrays, entry.sources, strict=False)]
     try:
         values = entry.load(arrays)
     except ValueError as err:
@@ -260,17 +263,11 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
         log(f"k25jax convert: resuming {dest.partial}: {len(done)} tensor groups ({skipped / 2**30:.2f} GiB) done")
     biggest = max((u.nbytes for u in todo), default=0)
     read_budget, write_budget = Budget(max(MIN_BUDGET, 2 * biggest)), max(MIN_BUDGET, 2 * biggest)
-    pause_after = int(os.environ.get(PAUSE_ENV, "0") or 0)
-    commit_bytes = 1 if pause_after else COMMIT_BYTES
-
-    def on_pause(n):
-        log(f"k25jax convert: paused after {n} tensor groups ({PAUSE_ENV})")
-
     stop = threading.Event()
     inbox: queue.Queue = queue.Queue()
     pool = BufferPool()
     thread = threading.Thread(target=reader_thread, args=(reader, todo, inbox, read_budget, stop, pool), daemon=True)
-    committer = Committer(dest.commit, pause_after, on_pause)
+    committer = Committer(dest.commit)
     workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="k25jax-convert")
     in_flight: deque = deque()  # (unit, future) in order
     state = {"bytes": 0, "keys": [], "files": [], "last": time.monotonic(), "outstanding": 0}
@@ -289,7 +286,7 @@ def _run(reader, units, specs, dest: Destination, done: set[str], progress: bool
         units_left[unit.entry.key] -= 1
         if units_left[unit.entry.key] == 0:
             state["keys"].append(unit.entry.key)
-        if state["bytes"] >= commit_bytes or time.monotonic() - state["last"] > COMMIT_SECONDS:
+        if state["bytes"] >= COMMIT_BYTES or time.monotonic() - state["last"] > COMMIT_SECONDS:
             committer.submit(state["keys"], state["files"])
             state.update(bytes=0, keys=[], files=[], last=time.monotonic())
 

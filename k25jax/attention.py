@@ -13,16 +13,38 @@ decode wants: per new token it reads ``C + R`` values per cached token instead o
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from k25jax import cache as kv_cache
 from k25jax.config import TextConfig
 from k25jax.layers import RMSNorm, param
 from k25jax.rope import apply_rope_interleaved
 from k25jax.sharding import constrain
 
 HEADS = ("batch", "seq", "act_heads", None)  # logical axes of per-head activations [B, T, H, .]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Positions:
+    """Where one forward pass's new tokens sit, shared by every layer.
+
+    Attributes:
+      positions: ``[B, T]`` int32 token positions (a row's positions are consecutive; with a cache they are also
+        the slots its latents are written to).
+      cos, sin: ``[B, T, R/2]`` rope tables of those positions.
+      mask: ``[B, T, S]`` boolean, True where query t may attend key (or cache slot) s.
+    """
+
+    positions: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    mask: jax.Array
+
 
 NEG_INF = -1e30
 
@@ -81,28 +103,43 @@ class MLA(nnx.Module):
         out = jnp.einsum("bthk,hkd->btd", constrain(o, HEADS), self.o_proj[...].astype(self.dtype))
         return constrain(out, ("batch", "seq", "act_embed"))
 
-    # -- full form -------------------------------------------------------------------------------------
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """Full-form MLA.
+    # -- the one call --------------------------------------------------------------------------------
+    def __call__(
+        self, x: jax.Array, pos: Positions, cache: jax.Array | None = None, *, layer=None, form: str = "full"
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """MLA over the new tokens ``x [B, T, D]`` (normed hidden states) at ``pos``.
 
         Args:
-          x: ``[B, T, D]`` normed hidden states.
-          cos, sin: ``[B, T, R/2]`` rope tables for the query positions (also the key positions).
-          mask: ``[B, T, S]`` boolean, True where query t may attend key s (S == T here).
-        Returns: ``[B, T, D]`` in the compute dtype.
+          x: ``[B, T, D]``.
+          pos: the tokens' positions, rope tables and mask (``pos.mask [B, T, S]``: over the new tokens themselves
+            without a cache or with ``form="full"``, over the cache slots with ``form="absorbed"`` and a cache).
+          cache: optional ``[L, B, S, C + R]`` latent cache of this layer's stack; the new tokens' latents are
+            written into slots ``pos.positions`` of layer ``layer`` first.
+          form: ``"full"`` (keys and values expanded per head; prefill and training: attends among the new tokens
+            only, valid when the cache holds nothing before them) or ``"absorbed"`` (over the cached latents, or
+            the new tokens' own latents without a cache; decode and continuation).
+        Returns: ``([B, T, D]`` in the compute dtype, the cache with the new latents, or None without one).
         """
-        return self.full(x, cos, sin, mask)[0]
+        x = x.astype(self.dtype)
+        q_nope, q_pe = self.queries(x, pos.cos, pos.sin)
+        c_kv, k_pe = self.latents(x, pos.cos, pos.sin)
+        latents = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)  # what the cache keeps per token
+        if cache is not None:
+            cache = kv_cache.write(cache, layer, pos.positions[:, 0], latents)
+        if form == "full":
+            return self.full(q_nope, q_pe, c_kv, k_pe, pos.mask), cache
+        if form == "absorbed":
+            return self.absorbed(q_nope, q_pe, latents if cache is None else cache[layer], pos.mask), cache
+        raise ValueError(f"MLA form {form!r} is not 'full' or 'absorbed'")
 
-    def full(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Full-form MLA that also returns the latents it computed.
+    # -- full form -------------------------------------------------------------------------------------
+    def full(self, q_nope, q_pe, c_kv, k_pe, mask: jax.Array) -> jax.Array:
+        """Full-form MLA: keys and values expanded per head from the latents ``c_kv [B, S, C]``, ``k_pe [B, S, R]``.
 
-        Returns: the attention output ``[B, T, D]`` and ``[normed c_kv | roped k_pe]`` ``[B, T, C + R]`` (the
-        latent-cache entries of these tokens, so a prefill can fill the cache from the same pass).
+        ``q_nope [B, T, H, Kn]``, ``q_pe [B, T, H, R]`` from :meth:`queries`; ``mask [B, T, S]`` boolean, True where
+        query t may attend key s. Returns ``[B, T, D]`` in the compute dtype.
         """
         dt = self.dtype
-        x = x.astype(dt)
-        q_nope, q_pe = self.queries(x, cos, sin)
-        c_kv, k_pe = self.latents(x, cos, sin)
         k_nope = jnp.einsum("bsc,chk->bshk", c_kv, self.k_up[...].astype(dt))
         v = jnp.einsum("bsc,chk->bshk", c_kv, self.v_up[...].astype(dt))
         scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
@@ -110,7 +147,7 @@ class MLA(nnx.Module):
         scores = jnp.where(mask[:, None, :, :], scores * self.cfg.attention_scale, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         o = jnp.einsum("bhts,bshk->bthk", probs, v)
-        return self.out(o), jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)
+        return self.out(o)
 
     # -- absorbed form ---------------------------------------------------------------------------------
     def absorbed(self, q_nope: jax.Array, q_pe: jax.Array, cached: jax.Array, mask: jax.Array) -> jax.Array:

@@ -22,13 +22,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+# The media strings and rules have one home, the preprocessor; the chat format uses them as they are there.
+from k25jax.vision.preprocess import IMAGE_PROMPT, MEDIA_PAD, VIDEO_PLACEHOLDER, expand_pads, video_prompt
+
 IM_END = "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, CALL_ARGS, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
-MEDIA_PAD = "<|media_pad|>"
-IMAGE_PLACEHOLDER = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
-VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"
 HEADERS = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}  # every other role: <|im_system|>
 
 
@@ -64,10 +64,18 @@ _CONSTRAINTS = (
 
 def tool_declaration(tools: Sequence[Mapping]) -> str:
     """The ``tool_declare`` body: TypeScript-style text, or compact sorted JSON when that cannot be built."""
+    text = typescript_or_none(tools)
+    if text is not None:
+        return text
+    return json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def typescript_or_none(tools: Sequence[Mapping]) -> str | None:
+    """:func:`typescript_tools`, or None where a schema cannot be expressed (the release's ``tools_ts_str``)."""
     try:
         return typescript_tools(tools)
     except _Inexpressible:
-        return json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        return None
 
 
 def typescript_tools(tools: Sequence[Mapping]) -> str:
@@ -178,6 +186,9 @@ def render(
 ) -> str:
     """The prompt text of ``messages`` (special tokens by name), as the K2.5 chat template renders it.
 
+    This is the source of the format in k25jax: ``assets/chat_template.jinja`` (:func:`render_template`) is tested
+    to give byte-identical strings.
+
     A ``reasoning_content`` of None renders as the text ``None`` (as the template does); an absent one as
     nothing.
     """
@@ -237,7 +248,7 @@ def _body(content: Any, index: int) -> str:
         if kind == "text":
             parts.append(str(part.get("text", "")))
         elif kind in ("image", "image_url"):
-            parts.append(IMAGE_PLACEHOLDER + "\n")
+            parts.append(IMAGE_PROMPT + "\n")
         elif kind in ("video", "video_url"):
             parts.append(VIDEO_PLACEHOLDER + "\n")
         else:
@@ -282,22 +293,44 @@ def render_template(
     thinking: bool = True,
     add_generation_prompt: bool = True,
 ) -> str:
-    """Render with a Jinja chat template in a sandbox (``trim_blocks``, ``lstrip_blocks``, ``tojson`` without
-    ASCII escaping), as Hugging Face tokenizers do. ``template=None`` uses :func:`builtin_template`. The template
-    gets ``messages``, ``tools``, ``tools_declaration`` (:func:`tool_declaration`), ``thinking`` and
-    ``add_generation_prompt``."""
+    """Render with a Jinja chat template (a release's own, or ``None`` for :func:`builtin_template`) as Hugging
+    Face tokenizers do: a sandbox with ``trim_blocks``, ``lstrip_blocks``, the loop controls ``{% break %}`` and
+    ``{% continue %}``, and ``tojson`` without ASCII escaping (keyword arguments as ``json.dumps``).
+
+    The template gets ``messages``; ``tools`` with their keys sorted recursively (as the release passes them, so
+    that a template's own ``tools | tojson(separators=(',', ':'))`` gives the JSON fallback of
+    :func:`tool_declaration`); ``tools_ts_str``, the TypeScript-style declaration built by the code
+    :func:`render` uses (None where a schema cannot be expressed: the template then falls back to JSON);
+    ``tools_declaration``, the whole ``tool_declare`` body (:func:`tool_declaration`); ``thinking`` and
+    ``add_generation_prompt``. :func:`render` is the source of the format; templates are tested against it.
+    """
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     _validate(messages)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     return env.from_string(template if template is not None else builtin_template()).render(
         messages=list(messages),
-        tools=list(tools) if tools else None,
+        tools=_sorted_keys(list(tools)) if tools else None,
+        tools_ts_str=typescript_or_none(tools) if tools else None,
         tools_declaration=tool_declaration(tools) if tools else "",
         thinking=thinking,
         add_generation_prompt=add_generation_prompt,
     )
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    """The ``tojson`` filter of Hugging Face chat templates: ``json.dumps`` without ASCII escaping by default."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _sorted_keys(value: Any) -> Any:
+    """``value`` with every mapping's keys in sorted order, recursively (lists keep their order)."""
+    if isinstance(value, Mapping):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -336,16 +369,15 @@ def encode(
         chunks = next(videos, None)
         if chunks is None:
             raise ChatFormatError(f"{VIDEO_PLACEHOLDER} written in message text has no video part to expand")
-        expanded.append(
-            "".join(
-                f"{_timestamp(ts)}<|media_begin|>video<|media_content|>{MEDIA_PAD}<|media_end|>" for ts, _ in chunks
-            )
-        )
+        expanded.append(video_prompt([ts for ts, _ in chunks]))
         expanded.append(piece)
     for part, info in zip(media_parts, infos, strict=True):
         pad_counts += [int(n) for _, n in info] if part["type"].startswith("video") else [int(info)]
     ids = tokenizer.encode("".join(expanded))
-    return _expand_pads(ids, tokenizer.token_id(MEDIA_PAD), pad_counts)
+    try:
+        return expand_pads(ids, pad_counts, tokenizer.token_id(MEDIA_PAD), counts_from="media give")
+    except ValueError as err:  # e.g. a <|media_pad|> written in message text
+        raise ChatFormatError(f"the prompt {err}") from None
 
 
 def media_parts_of(messages: Sequence[Mapping]) -> list[tuple[str, Mapping]]:
@@ -423,24 +455,6 @@ def _media_infos(parts: list[Mapping], media: MediaTokens | None) -> list[Any]:
     if len(media) != len(parts):
         raise ChatFormatError(f"media gives {len(media)} entries for {len(parts)} image/video parts")
     return media
-
-
-def _expand_pads(ids: list[int], pad_id: int, counts: list[int]) -> list[int]:
-    found = ids.count(pad_id)
-    if found != len(counts):
-        raise ChatFormatError(f"the prompt has {found} {MEDIA_PAD} tokens but media gives {len(counts)} counts")
-    out: list[int] = []
-    counts_iter = iter(counts)
-    for t in ids:
-        out.extend([pad_id] * next(counts_iter) if t == pad_id else [t])
-    return out
-
-
-def _timestamp(ts: float | str) -> str:
-    if isinstance(ts, str):
-        return ts
-    ms = round(float(ts) * 1000)
-    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ import threading
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from k25jax.config import RunConfig
 from k25jax.model import K25, abstract_model
 from k25jax.release.config import from_release_config
+from k25jax.release.loader import load_release, load_release_sharded
 from k25jax.sharding import local_bytes, state_shardings
 
 CHECKPOINT_MARKER = "k25jax_checkpoint.json"  # present only in a complete checkpoint
@@ -49,19 +50,13 @@ RESTORE_GROUP_BYTES = 4 << 30  # arrays are restored in groups of about this man
 
 
 def restore_checkpoint(
-    path: str | os.PathLike,
-    *,
-    mesh: Mesh | None = None,
-    strategy: str | Mapping = "inference",
-    compute_dtype=jnp.bfloat16,
-    param_dtype=None,
-    kernels: str = "xla",
-    progress: bool = True,
+    path: str | os.PathLike, run: RunConfig | None = None, *, mesh: Mesh | None = None, progress: bool = True
 ) -> K25:
     """Restore a k25jax checkpoint into a ready model, each array straight onto its sharding.
 
     Parameters are stored bf16 (INT4 experts as int32 words + bf16 scales, the correction bias float32);
-    ``param_dtype`` (default: ``compute_dtype``) other than bf16 is a cast on read, per shard. Arrays are
+    ``run.param_dtype`` (default: the compute dtype) other than bf16 is a cast on read, per shard; with a mesh the
+    arrays are placed by ``run.sharding``'s rules. Arrays are
     restored in groups of about :data:`RESTORE_GROUP_BYTES` (orbax partial restores; each group's arrays in
     parallel) so that ``progress`` can show the bytes this process has read.
     """
@@ -70,9 +65,10 @@ def restore_checkpoint(
 
     path = os.path.abspath(os.fspath(path))
     cfg = from_release_config(path)
-    model = abstract_model(cfg, dtype=compute_dtype, param_dtype=param_dtype, kernels=kernels)
+    run = run or RunConfig()
+    model = abstract_model(cfg, run)
     graphdef, state = nnx.split(model)
-    target = restore_target(model, mesh, strategy)
+    target = restore_target(model, mesh, run.sharding)
     leaves = [(p, a, local_bytes(a.shape, a.dtype, a.sharding)) for p, a in traverse_util.flatten_dict(target).items()]
     groups, size = [[]], 0
     for leaf in leaves:
@@ -146,23 +142,17 @@ def _bytes_read() -> int | None:
 
 
 def load_model(
-    path: str | os.PathLike,
-    *,
-    compute_dtype=jnp.bfloat16,
-    param_dtype=None,
-    progress: bool = True,
-    kernels: str = "xla",
-    mesh: Mesh | None = None,
-    strategy: str | Mapping = "inference",
+    path: str | os.PathLike, run: RunConfig | None = None, *, mesh: Mesh | None = None, progress: bool = True
 ) -> K25:
     """Load a ready model from a k25jax checkpoint (``k25jax convert``) or a release directory.
 
+    ``run`` (:class:`~k25jax.config.RunConfig`, default bf16 compute and XLA kernels) says how the model runs.
     INT4 pack-quantized experts stay INT4 (:class:`~k25jax.quant.Int4Weight`, in the kernels' layout, never
-    dequantized); plain experts stay plain. Other parameters default to the compute dtype. ``kernels``:
-    ``"xla"`` | ``"pallas"`` (see :class:`~k25jax.model.K25`).
+    dequantized); plain experts stay plain. Other parameters are stored in ``run.param_dtype`` (default: the
+    compute dtype).
 
     With ``mesh`` (``k25jax.sharding.make_mesh``), every parameter lands on its ``NamedSharding`` under
-    ``strategy``'s rules and each process reads only the slices its devices hold: from a checkpoint through
+    ``run.sharding``'s rules and each process reads only the slices its devices hold: from a checkpoint through
     orbax, from a release through ``safetensors`` reads of just those slices. Without a mesh the model is
     placed on the default device.
     """
@@ -170,26 +160,7 @@ def load_model(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     if is_checkpoint(path):
-        return restore_checkpoint(
-            path,
-            mesh=mesh,
-            strategy=strategy,
-            compute_dtype=compute_dtype,
-            param_dtype=param_dtype,
-            kernels=kernels,
-            progress=progress,
-        )
-    # The release reader lives in the converter package (the only place that knows release tensor names).
-    from k25jax.release.loader import load_release, load_release_sharded
-
+        return restore_checkpoint(path, run, mesh=mesh, progress=progress)
     if mesh is not None:
-        return load_release_sharded(
-            path,
-            mesh,
-            strategy=strategy,
-            dtype=compute_dtype,
-            param_dtype=param_dtype,
-            kernels=kernels,
-            progress=progress,
-        )
-    return load_release(path, dtype=compute_dtype, param_dtype=param_dtype, progress=progress, kernels=kernels)
+        return load_release_sharded(path, mesh, run, progress=progress)
+    return load_release(path, run, progress=progress)

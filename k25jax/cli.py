@@ -6,24 +6,15 @@ import argparse
 import sys
 
 
-def _load(model: str, dtype: str):
-    import jax.numpy as jnp
-
-    from k25jax import build_model, load_model, preset
-
-    compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
-    if model == "tiny":
-        return build_model(preset("tiny"), dtype=compute)
-    return load_model(model, compute_dtype=compute)
-
-
 def cmd_forward(args: argparse.Namespace) -> int:
     """One forward pass: print the top next-token candidates for a list of token ids."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    model = _load(args.model, args.dtype)
+    from k25jax.cli_generate import load_model_and_tokenizer, run_config
+
+    model = load_model_and_tokenizer(args.model, run_config(args.model, args.dtype, args.kernels))[0]
     ids = [int(x) for x in args.ids.split(",") if x.strip()]
     if not ids:
         raise SystemExit("k25jax forward: --ids needs at least one token id")
@@ -44,7 +35,9 @@ def register_forward(sub) -> None:
     p.add_argument("--model", default="tiny", help="release directory, or 'tiny' (embedded random model)")
     p.add_argument("--ids", default="1,2,3,4", help="comma-separated token ids")
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    from k25jax.cli_generate import add_run_arguments
+
+    add_run_arguments(p)
     p.set_defaults(func=cmd_forward)
 
 

@@ -73,20 +73,30 @@ class ReplyPrinter:
         return reply
 
 
-def load_model_and_tokenizer(model: str, dtype: str | None, mesh=None):
-    """``tiny`` (the embedded random model and tiny tokenizer), a release directory or a k25jax checkpoint.
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--kernels``: the run settings every command that runs the model takes."""
+    from k25jax.config import KERNELS
 
-    With ``mesh``, a release or checkpoint is read straight onto the mesh (each process reads its own slices).
-    """
-    import jax.numpy as jnp
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: float32 tiny, else bf16")
+    p.add_argument(
+        "--kernels", choices=list(KERNELS), default="xla", help="INT4 expert matmuls: XLA (default) or Pallas kernels"
+    )
 
+
+def run_config(model: str, dtype: str | None, kernels: str = "xla"):
+    """The :class:`~k25jax.config.RunConfig` of ``--dtype`` / ``--kernels`` (float32 for the tiny model)."""
+    from k25jax.config import RunConfig
+
+    return RunConfig(compute_dtype=dtype or ("float32" if model == "tiny" else "bfloat16"), kernels=kernels)
+
+
+def load_model_and_tokenizer(model: str, run, mesh=None):
+    """The model (``'tiny'`` or a release / checkpoint directory) and its tokenizer, with run config ``run``."""
     from k25jax import build_model, from_release_config, load_model, preset
     from k25jax.tokenizer import Tokenizer
 
-    dtype = dtype or ("float32" if model == "tiny" else "bfloat16")
-    compute = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype]
     if model == "tiny":
-        return build_model(preset("tiny"), dtype=compute), Tokenizer.tiny()
+        return build_model(preset("tiny"), run), Tokenizer.tiny()
     if not os.path.exists(os.path.join(model, "tiktoken.model")):
         raise SystemExit(
             f"k25jax: {model}: no tiktoken.model (a release directory has the tokenizer beside config.json)"
@@ -98,7 +108,7 @@ def load_model_and_tokenizer(model: str, dtype: str | None, mesh=None):
             f"k25jax: {model}: tiktoken.model gives a vocabulary of {tokenizer.vocab_size} ids but config.json's "
             f"text_config.vocab_size is {vocab}"
         )
-    return load_model(model, compute_dtype=compute, mesh=mesh), tokenizer
+    return load_model(model, run, mesh=mesh), tokenizer
 
 
 def start(args: argparse.Namespace):
@@ -109,11 +119,12 @@ def start(args: argparse.Namespace):
     from k25jax import distributed
 
     distributed.initialize(args)
+    run = run_config(args.model, args.dtype, args.kernels)
     if args.mesh and args.model != "tiny":  # full-size models load straight onto the mesh, never whole on a host
         mesh = build_mesh(args.mesh, args.command)
-        model, tokenizer = _on_mesh(lambda: load_model_and_tokenizer(args.model, args.dtype, mesh), args)
+        model, tokenizer = _on_mesh(lambda: load_model_and_tokenizer(args.model, run, mesh), args)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+        model, tokenizer = load_model_and_tokenizer(args.model, run)
         if args.mesh:
             model = place_on_mesh(model, args.mesh, args.command)
     return model, tokenizer, (sys.stdout if distributed.is_main_process() else io.StringIO())
@@ -278,7 +289,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's 256K)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: float32 tiny, else bf16")
+    add_run_arguments(p)
     p.add_argument("--mesh", default=None, help="shard over all devices, e.g. expert=8,tensor=4 (data takes the rest)")
     from k25jax import distributed
 

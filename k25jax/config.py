@@ -272,6 +272,105 @@ class K25Config:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Run settings
+# --------------------------------------------------------------------------------------------------------
+
+KERNELS = ("xla", "pallas", "pallas:gpu", "pallas:tpu")  # = pallas_kernels.dispatch.IMPLS
+EXPERT_STRATEGIES = ("auto", "grouped", "tiled", "per_row")  # = pallas_kernels.grouped_swiglu.STRATEGIES
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+SHARDING_STRATEGIES = ("inference", "train")  # = the rules tables of k25jax.sharding
+
+
+def _dtype_name(value: Any, field: str) -> str | None:
+    """A dtype given as a name (``"bfloat16"``), a numpy/jax dtype or a scalar type -> its canonical name."""
+    if value is None:
+        return None
+    import numpy as np
+
+    try:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+        name = np.dtype(value).name
+    except TypeError:
+        raise ConfigError(f"RunConfig.{field}: {value!r} is not a dtype") from None
+    if name not in ("bfloat16", "float16", "float32", "float64"):
+        raise ConfigError(f"RunConfig.{field}: {name} is not a float dtype (bfloat16, float16, float32, float64)")
+    return name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a model runs, as opposed to what it is (:class:`K25Config`): given once to ``K25`` / ``build_model`` /
+    ``abstract_model`` / ``load_model`` and held by the model as static structure.
+
+    Attributes:
+      compute_dtype: the matmul input dtype (norms, softmax, router and rope run in float32 whatever it is).
+      param_dtype: how float parameters are stored (default: ``compute_dtype``); the MoE correction bias stays
+        float32, INT4 experts stay packed.
+      kernels: the INT4 matmul implementation: ``"xla"`` (dequantize, then XLA's dot), ``"pallas"`` (the Pallas
+        kernel of the platform being lowered for; interpreted on CPU), ``"pallas:gpu"`` / ``"pallas:tpu"`` (that
+        kernel whatever the platform). Only INT4 experts use it.
+      experts: the routed-expert strategy of :func:`pallas_kernels.grouped_swiglu.grouped_swiglu`: ``"auto"``
+        (chosen when lowering: CPU scans on CPU, grouped matmuls elsewhere) or one of ``"grouped"``, ``"tiled"``,
+        ``"per_row"`` forced on every platform.
+      remat: rematerialisation of the layer scans under differentiation: ``"none"``, ``"full"`` (save only each
+        layer's input), ``"dots"`` (save matmul outputs), ``"dots_no_batch"`` (save matmuls without batch dims).
+      cache_dtype: the latent cache dtype (default: ``compute_dtype``).
+      sharding: the rules table parameters are placed by on a mesh (``"inference"`` or ``"train"``).
+
+    Dtypes may be given as names or dtypes; they are kept as names (``run.compute_dtype == "bfloat16"``) so the
+    config is hashable and prints plainly; ``run.dtype(...)`` gives the dtype object.
+    """
+
+    compute_dtype: Any = "bfloat16"
+    param_dtype: Any = None
+    kernels: str = "xla"
+    experts: str = "auto"
+    remat: str = "none"
+    cache_dtype: Any = None
+    sharding: str = "inference"
+
+    def __post_init__(self):
+        for field in ("compute_dtype", "param_dtype", "cache_dtype"):
+            object.__setattr__(self, field, _dtype_name(getattr(self, field), field))
+        if self.compute_dtype is None:
+            raise ConfigError("RunConfig.compute_dtype must be set")
+        for field, allowed in (
+            ("kernels", KERNELS),
+            ("experts", EXPERT_STRATEGIES),
+            ("remat", REMAT_POLICIES),
+            ("sharding", SHARDING_STRATEGIES),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"RunConfig.{field}: {getattr(self, field)!r} is not one of {allowed}")
+
+    @staticmethod
+    def dtype(name: str):
+        """The numpy dtype object of a dtype name (bfloat16 through ml_dtypes)."""
+        import numpy as np
+
+        return np.dtype(name)
+
+    @property
+    def compute(self):
+        """``compute_dtype`` as a dtype object."""
+        return self.dtype(self.compute_dtype)
+
+    @property
+    def params(self):
+        """``param_dtype`` (default: the compute dtype) as a dtype object."""
+        return self.dtype(self.param_dtype or self.compute_dtype)
+
+    @property
+    def cache(self):
+        """``cache_dtype`` (default: the compute dtype) as a dtype object."""
+        return self.dtype(self.cache_dtype or self.compute_dtype)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ arrive split by batch row. Dispatch is **all-gather + reduce-scatter**:
    expert axes the tokens are split over, so every device of an expert group sees the group's tokens;
 2. each device sorts the (token, choice) pairs that chose one of *its* experts to the front (pairs for other
    devices' experts go last and are not computed) and runs them as a grouped matmul over its local experts
-   (``moe.expert_swiglu``: INT4 or plain weights, XLA or Pallas);
+   (:func:`pallas_kernels.grouped_swiglu.grouped_swiglu`: INT4 or plain weights, XLA or Pallas);
 3. the weighted rows are summed back per token, and the per-device partial outputs are reduce-scattered over
    the gathered axes (psum over tensor axes for the split SwiGLU width, and over expert axes the tokens were
    not split over, e.g. a decode batch smaller than the expert group).
@@ -26,7 +26,7 @@ multi-host and memory planning".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,24 +34,27 @@ from jax.sharding import PartitionSpec
 
 from k25jax.quant import Int4Array, int4_axes
 from k25jax.sharding import ExpertLayout
+from pallas_kernels.grouped_swiglu import SwiGLUWeights
 
-ExpertFn = Callable[[jax.Array, jax.Array, dict], jax.Array]  # (rows [M, D], group_sizes [E_local], weights)
+ExpertFn = Callable  # (rows [M, D], group_sizes [E_local], local weights, layer) -> [M, D] float32
 
 
-def weight_specs(weights: Mapping, axes: Mapping, layout: ExpertLayout) -> dict:
+def weight_specs(weights: SwiGLUWeights, axes: SwiGLUWeights, layout: ExpertLayout) -> SwiGLUWeights:
     """``PartitionSpec`` pytrees for expert weights (an :class:`Int4Array` gets one spec per leaf)."""
-    specs = {}
-    for name, w in weights.items():
+    specs = []
+    for name, w, w_axes in zip(SwiGLUWeights._fields, weights, axes, strict=True):
         what = f"Experts.{name}"
         if isinstance(w, Int4Array):
-            packed_axes, scale_axes = int4_axes(tuple(axes[name]))
-            specs[name] = Int4Array(
-                layout.weight_spec(packed_axes, w.packed.shape, what + ".packed"),
-                layout.weight_spec(scale_axes, w.scales.shape, what + ".scales"),
+            packed_axes, scale_axes = int4_axes(tuple(w_axes))
+            specs.append(
+                Int4Array(
+                    layout.weight_spec(packed_axes, w.packed.shape, what + ".packed"),
+                    layout.weight_spec(scale_axes, w.scales.shape, what + ".scales"),
+                )
             )
         else:
-            specs[name] = layout.weight_spec(tuple(axes[name]), w.shape, what)
-    return specs
+            specs.append(layout.weight_spec(tuple(w_axes), w.shape, what))
+    return SwiGLUWeights(*specs)
 
 
 def local_dispatch_combine(
@@ -86,8 +89,8 @@ def dispatch_combine(
     tokens: jax.Array,
     route_fn: Callable,
     route_params: tuple,
-    expert_weights: Mapping,
-    weight_axes: Mapping,
+    expert_weights: SwiGLUWeights,
+    weight_axes: SwiGLUWeights,
     layer_index: jax.Array | None,
     expert_fn: ExpertFn,
     num_experts: int,
@@ -97,9 +100,10 @@ def dispatch_combine(
     """``sum_k w_k E_k(x)`` with the experts split over the mesh (module doc): ``tokens [N, D]`` -> ``[N, D]`` in
     ``out_dtype``. ``route_fn(tokens, *route_params)`` gives ``(weights, experts) [N, k]`` (params replicated).
 
-    ``expert_weights`` maps names to whole expert weights ``[E, in, out]`` (``[L, E, in, out]`` with
-    ``layer_index``, the cached layer scan's whole stacks), ``weight_axes`` to their logical axes.
-    ``expert_fn(rows, group_sizes, local_weights)`` computes the local experts' rows in float32.
+    ``expert_weights`` are the whole expert weights ``[E, in, out]`` (``[L, E, in, out]`` with ``layer_index``,
+    the cached layer scan's whole stacks), ``weight_axes`` their logical axes. ``expert_fn(rows, group_sizes,
+    local_weights, layer_index)`` computes the local experts' rows in float32 (reading only ``layer_index``'s
+    experts of a layer-stacked weight).
     """
     local_count = num_experts // layout.expert_shards
     token_spec = layout.token_spec
@@ -112,12 +116,11 @@ def dispatch_combine(
             tokens, route_weights, route_experts = (
                 jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (tokens, route_weights, route_experts)
             )
-        if index:  # whole [L, E_local, ...] stacks: read this layer's local experts only
-            weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index[0], 0, keepdims=False), weights)
         first = layout.shard_index() * local_count
+        layer = index[0] if index else None
 
         def local(rows, group_sizes):
-            return expert_fn(rows, group_sizes, weights)
+            return expert_fn(rows, group_sizes, weights, layer)
 
         out = local_dispatch_combine(tokens, route_weights, route_experts, first, local_count, local)
         out = out.astype(out_dtype)  # partial sums travel in the compute dtype
@@ -127,7 +130,7 @@ def dispatch_combine(
             out = jax.lax.psum(out, summed)
         return out
 
-    args = (tokens, tuple(route_params), dict(expert_weights))
+    args = (tokens, tuple(route_params), expert_weights)
     in_specs = (token_spec, PartitionSpec(), specs)
     if layer_index is not None:
         args += (jnp.asarray(layer_index, jnp.int32),)

@@ -44,6 +44,8 @@ INSTANT = Sampling(temperature=0.6, top_p=0.95)  # model card, instant mode (thi
 
 
 def sampling_defaults(thinking: bool = True) -> Sampling:
+    """The model card's settings: :data:`THINKING` (temperature 1.0, top_p 0.95) or, with thinking off,
+    :data:`INSTANT` (temperature 0.6, top_p 0.95); top-k off in both."""
     return THINKING if thinking else INSTANT
 
 
@@ -65,12 +67,26 @@ def default_stop_ids(model) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _ranked_filtered(logits: jax.Array, temperature, top_p, top_k) -> tuple[jax.Array, jax.Array]:
+    """``(order, ranked)``: token ids by decreasing logit ``[B, V]`` and their temperature-scaled logits with the
+    tokens outside top-k, then outside the top-p nucleus (of the top-k renormalised), set to ``-inf``."""
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(ranked.shape[-1])[None, :]
+    ranked = jnp.where((top_k <= 0) | (rank < top_k), ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    ranked = jnp.where((mass_before < top_p) | (rank == 0), ranked, -jnp.inf)
+    return order, ranked
+
+
 def sample(logits: jax.Array, key: jax.Array, temperature, top_p, top_k) -> jax.Array:
     """Draw one token per row of ``logits [B, V]`` (float32): temperature, then top-k, then top-p (nucleus).
 
     ``temperature``, ``top_p``, ``top_k`` are scalars (traced: changing them does not recompile). Temperature 0
     returns the argmax. Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``
-    (always at least one). Returns ``[B]`` int32.
+    (always at least one). Returns ``[B]`` int32. The distribution drawn from is :func:`sampling_probs`.
     """
     logits = logits.astype(jnp.float32)
 
@@ -78,18 +94,23 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_p, top_k) -> jax.
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
-        scaled = logits / jnp.maximum(temperature, 1e-6)
-        order = jnp.argsort(-scaled, axis=-1)
-        ranked = jnp.take_along_axis(scaled, order, axis=-1)
-        rank = jnp.arange(ranked.shape[-1])[None, :]
-        ranked = jnp.where((top_k <= 0) | (rank < top_k), ranked, -jnp.inf)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        ranked = jnp.where((mass_before < top_p) | (rank == 0), ranked, -jnp.inf)
+        order, ranked = _ranked_filtered(logits, temperature, top_p, top_k)
         choice = jax.random.categorical(key, ranked, axis=-1)
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, greedy, None)
+
+
+def sampling_probs(logits: jax.Array, temperature, top_p, top_k) -> jax.Array:
+    """The distribution :func:`sample` draws from: float32 ``[B, V]`` in vocabulary order,
+    ``softmax(logits / temperature)`` restricted to the top-k tokens, then to the top-p nucleus of those, and
+    renormalised (zero elsewhere); one-hot at the argmax for temperature 0."""
+    logits = logits.astype(jnp.float32)
+    if float(temperature) <= 0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    order, ranked = _ranked_filtered(logits, temperature, top_p, top_k)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    return jnp.zeros_like(probs).at[jnp.arange(probs.shape[0])[:, None], order].set(probs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -120,6 +141,12 @@ def _last_logits(text, h: jax.Array, index: jax.Array) -> jax.Array:
     return text.logits(rows)
 
 
+def _cached_forward(text, h: jax.Array, starts: jax.Array, cache: LatentCache, form: str):
+    """The decoder over new tokens ``h [B, T, D]`` at positions ``starts[b] + t``, writing their latents."""
+    positions = starts[:, None].astype(jnp.int32) + jnp.arange(h.shape[1], dtype=jnp.int32)[None, :]
+    return text.forward(h, positions, cache, form=form)
+
+
 def _embed(text, input_ids, embeds, embeds_mask):
     h = text.embed(input_ids)
     if embeds is not None:
@@ -131,9 +158,9 @@ def _embed(text, input_ids, embeds, embeds_mask):
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _prefill(graphdef, state, input_ids, lengths, cache, embeds, embeds_mask):
     text = nnx.merge(graphdef, state)
-    starts = jnp.zeros_like(lengths)
-    h, cache = text.hidden_cached(_embed(text, input_ids, embeds, embeds_mask), starts, lengths, cache, absorbed=False)
-    return _last_logits(text, h, lengths - 1), cache
+    h = _embed(text, input_ids, embeds, embeds_mask)
+    h, cache = _cached_forward(text, h, jnp.zeros_like(lengths), cache, "full")
+    return _last_logits(text, h, lengths - 1), dataclasses.replace(cache, lengths=lengths.astype(jnp.int32))
 
 
 @_on_mesh
@@ -142,7 +169,8 @@ def _extend(graphdef, state, input_ids, chunk_lengths, cache, all_logits, embeds
     text = nnx.merge(graphdef, state)
     starts = cache.lengths
     h = _embed(text, input_ids, embeds, embeds_mask)
-    h, cache = text.hidden_cached(h, starts, starts + chunk_lengths, cache, absorbed=True)
+    h, cache = _cached_forward(text, h, starts, cache, "absorbed")
+    cache = dataclasses.replace(cache, lengths=(starts + chunk_lengths).astype(jnp.int32))
     if all_logits:
         return text.logits(h), cache
     return _last_logits(text, h, jnp.maximum(chunk_lengths - 1, 0)), cache
@@ -167,7 +195,8 @@ def _decode_and_sample(graphdef, state, tokens, done, cache, key, step, sampling
     text = nnx.merge(graphdef, state)
     starts = cache.lengths
     new_lengths = starts + (~done).astype(jnp.int32)  # finished rows stay put
-    h, cache = text.hidden_cached(text.embed(tokens[:, None]), starts, new_lengths, cache, absorbed=True)
+    h, cache = _cached_forward(text, text.embed(tokens[:, None]), starts, cache, "absorbed")
+    cache = dataclasses.replace(cache, lengths=new_lengths.astype(jnp.int32))
     logits = text.logits(h[:, 0])
     new_tokens = sample(logits, jax.random.fold_in(key, step), *sampling)
     new_tokens = replicated(jnp.where(done, tokens, new_tokens))
@@ -365,7 +394,7 @@ def stream(
     stop_ids = _stop_array(model, stop_token_ids)
     sampling = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
     graphdef, state = nnx.split(text)
-    cache = LatentCache.zeros(cfg, B, S, cache_dtype or text.dtype, mesh=mesh_of(state))
+    cache = LatentCache.zeros(cfg, B, S, cache_dtype or text.run.cache, mesh=mesh_of(state))
     logits, cache = fill(graphdef, state, ids, lengths, cache, embeds, embeds_mask, chunk)
     yield from decode_steps(graphdef, state, logits, cache, max_new_tokens, jax.random.key(seed), sampling, stop_ids)
 
@@ -475,7 +504,7 @@ def generate(
         prompt, else ``(pixel_values, grid_thw)`` (``k25jax.media.Media``, e.g. from ``k25jax.chat.prepare``;
         a ``VideoInput`` or a list of items also do) whose items fill the prompt's ``<|media_pad|>`` runs in
         order. The vision tower runs once for the whole batch at prefill.
-      cache_dtype: latent cache dtype (default: the model's compute dtype).
+      cache_dtype: latent cache dtype (default: the model run config's ``cache_dtype``, else its compute dtype).
       prefill_chunk: prompts longer than this (rounded up to a power of two) are prefilled in chunks: the
         first in full form, the rest in absorbed form over the cache, bounding the attention scores to
         ``[B, H, chunk, cache length]``.

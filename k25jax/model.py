@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from k25jax.config import K25Config
+from k25jax.config import K25Config, RunConfig
 from k25jax.moe import Experts
 from k25jax.quant import GROUP
 from k25jax.text import TextModel
 from k25jax.vision.merger import Projector
 from k25jax.vision.moonvit import MoonViT
-from pallas_kernels.dispatch import check_impl
 
 
 class K25(nnx.Module):
@@ -23,18 +22,20 @@ class K25(nnx.Module):
     holds, for every media item in order, ``(h/2)*(w/2)`` ``<|media_pad|>`` tokens
     (``k25jax.vision.expand_media_pads``) whose embeddings are replaced by the projector outputs.
 
-    ``kernels`` is a run setting: ``"xla"`` (dequantize-then-dot) or ``"pallas"`` (the INT4 Pallas kernels of
-    ``pallas_kernels``, interpreted on CPU); ``"pallas:gpu"`` / ``"pallas:tpu"`` force one kernel. It only
-    matters for INT4 experts. Change it later with :meth:`set_kernels`.
+    ``run`` (:class:`~k25jax.config.RunConfig`) says how it runs: compute and parameter dtypes, the INT4 kernels
+    (``"xla"`` dequantize-then-dot, ``"pallas"`` the Pallas kernels, interpreted on CPU), the routed-expert
+    strategy, remat, cache dtype and sharding rules. It is static model structure; see :meth:`set_run`.
     """
 
-    def __init__(self, cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, kernels: str = "xla", rngs: nnx.Rngs):
+    def __init__(self, cfg: K25Config, run: RunConfig | None = None, *, rngs: nnx.Rngs):
+        run = run or RunConfig()
         self.cfg = cfg
-        self.dtype = dtype
-        self.text = TextModel(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.run = run
+        self.text = TextModel(cfg.text, run, rngs=rngs)
         v = cfg.vision
-        self.vision = None if v is None else MoonViT(v, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.projector = None if v is None else Projector(v, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dt, pdt = run.compute, run.params
+        self.vision = None if v is None else MoonViT(v, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.projector = None if v is None else Projector(v, dtype=dt, param_dtype=pdt, rngs=rngs)
         if cfg.quantization is not None:  # the release's experts are INT4: so are ours, from here to the matmul
             if cfg.quantization.group_size != GROUP:
                 raise ValueError(
@@ -43,15 +44,29 @@ class K25(nnx.Module):
                 )
             for module in [m for _, m in nnx.iter_modules(self) if isinstance(m, Experts)]:
                 module.to_int4()
-        self.set_kernels(kernels)
 
-    def set_kernels(self, kernels: str) -> K25:
-        """Choose the expert matmul implementation for later calls (no recompilation of anything else)."""
-        check_impl(kernels)
+    @property
+    def dtype(self):
+        """The compute dtype (``run.compute_dtype``)."""
+        return self.run.compute
+
+    def set_run(self, run: RunConfig | None = None, **changes) -> K25:
+        """Change how the model runs from here on: ``model.set_run(kernels="pallas")`` or ``set_run(run)``.
+
+        The run config is static model structure (part of the nnx graph definition, held by every module that
+        reads it), so after this **every jitted function that takes the model retraces and recompiles in full** on
+        its next call (not only the expert op), and a function that closed over the model keeps what it traced.
+        The parameter dtype cannot change here (it is how the arrays are stored: rebuild or reload the model).
+        """
+        new = (run or self.run).replace(**changes)
+        if new.params != self.run.params:
+            raise ValueError(
+                f"set_run: param_dtype {self.run.params} -> {new.params} would not convert the stored parameters; "
+                "load or build the model with the new RunConfig instead"
+            )
         for _, module in nnx.iter_modules(self):
-            if isinstance(module, Experts):
-                module.kernels = kernels
-        self.kernels = kernels
+            if isinstance(getattr(module, "run", None), RunConfig):
+                module.run = new
         return self
 
     def vision_features(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
@@ -64,7 +79,7 @@ class K25(nnx.Module):
         """
         if self.vision is None:
             raise ValueError(f"model {self.cfg.name!r} has no vision tower (its config has no vision_config)")
-        return self.projector(self.vision(jnp.asarray(pixel_values), grid_thw))
+        return self.projector(self.vision(jnp.asarray(pixel_values), grid_thw, remat=self.run.remat))
 
     def embed_inputs(self, input_ids: jax.Array, pixel_values=None, grid_thw=None) -> jax.Array:
         """Token embeddings ``[B, T, D]`` with the ``<|media_pad|>`` positions replaced by vision features.
@@ -120,14 +135,14 @@ def merge_media(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, pl
     return jnp.where(is_pad[..., None], gathered, embeds)
 
 
-def build_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, seed: int = 0, kernels: str = "xla") -> K25:
+def build_model(cfg: K25Config, run: RunConfig | None = None, *, seed: int = 0) -> K25:
     """A randomly initialised model (normal(0, 0.02) matrices, unit norms; INT4 experts quantize that init)."""
-    return K25(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=nnx.Rngs(seed))
+    return K25(cfg, run, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(cfg: K25Config, *, dtype=jnp.bfloat16, param_dtype=None, kernels: str = "xla") -> K25:
+def abstract_model(cfg: K25Config, run: RunConfig | None = None) -> K25:
     """The model with ``jax.ShapeDtypeStruct`` leaves: no memory, seconds even at full size."""
-    return nnx.eval_shape(lambda: K25(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: K25(cfg, run, rngs=nnx.Rngs(0)))
 
 
 def count_params(model: nnx.Module) -> int:

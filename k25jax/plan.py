@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k25jax.cache import LatentCache
-from k25jax.config import K25Config
+from k25jax.config import K25Config, RunConfig
 from k25jax.quant import Int4Packed, Int4Scales
 from k25jax.sharding import (
     COMPUTE_RULES,
@@ -291,7 +291,7 @@ def plan(
 def _build(cfg: K25Config, dtype):
     from k25jax.model import K25
 
-    return K25(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+    return K25(cfg, RunConfig(compute_dtype=dtype), rngs=nnx.Rngs(0))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from flax import nnx
 from k25jax.sharding import check_axes
 from k25jax.transpose import transpose2d
 from pallas_kernels import int4_layout
+from pallas_kernels.int4_gmm.ops import int4_gmm
 
 GROUP = int4_layout.GROUP
 SCALE_DTYPE = jnp.bfloat16  # the release's scale dtype; wider scales would exceed 0.57 bytes per value
@@ -188,6 +189,12 @@ class Int4Array:
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The weight ``[..., K, N]`` in ``dtype`` (``q * scale`` in float32, then cast)."""
         return int4_layout.dequantize(self.packed, self.scales, dtype)
+
+    def grouped_matmul(self, rows: jax.Array, group_sizes: jax.Array, *, impl: str = "xla") -> jax.Array:
+        """Experts ``[E, K, N]``: ``rows [M, K]`` sorted by expert (``group_sizes [E]``) times their expert ->
+        ``[M, N]`` float32, the weights staying packed (``int4_gmm``, ``impl`` as :mod:`pallas_kernels.dispatch`).
+        The method :func:`pallas_kernels.grouped_swiglu.grouped_swiglu` calls on a weight value type."""
+        return int4_gmm(rows, self.packed, self.scales, group_sizes, impl=impl, out_dtype=jnp.float32)
 
     @classmethod
     def quantize(cls, w: jax.Array, scale_dtype=SCALE_DTYPE) -> Int4Array:

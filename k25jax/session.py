@@ -49,7 +49,7 @@ class Session:
         self.model = model
         self.text = _text_model(model)
         self.max_context = int(max_context or self.text.cfg.max_position_embeddings)
-        self.cache_dtype = cache_dtype or self.text.dtype
+        self.cache_dtype = cache_dtype or self.text.run.cache
         self.chunk = _bucket(prefill_chunk)
         self.reset()
 

@@ -6,6 +6,7 @@ and run with ``jax.lax.scan``: compile time does not grow with depth (61 layers 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -13,11 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k25jax import cache as kv_cache
-from k25jax.attention import MLA, causal_mask
+from k25jax.attention import MLA, Positions, causal_mask
 from k25jax.cache import LatentCache
-from k25jax.config import TextConfig
+from k25jax.config import RunConfig, TextConfig
 from k25jax.layers import MLP, RMSNorm, param
-from k25jax.moe import Experts, MoE
+from k25jax.moe import MoE
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
 from k25jax.sharding import constrain
 
@@ -27,41 +28,28 @@ RESIDUAL = ("batch", "seq", "act_embed")  # logical axes of the residual stream 
 class DecoderLayer(nnx.Module):
     """``h += attn(norm(h)); h += mlp(norm(h))`` with a dense SwiGLU or an MoE as the MLP."""
 
-    def __init__(self, cfg: TextConfig, moe: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-        self.attn = MLA(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: TextConfig, moe: bool, run: RunConfig, *, rngs: nnx.Rngs):
+        dt, pdt = run.compute, run.params
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+        self.attn = MLA(cfg, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
         if moe:
-            self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MoE(cfg, run, rngs=rngs)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dt, param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        h = h + self.attn(self.input_norm(h), cos, sin, mask).astype(h.dtype)
-        return constrain(h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), RESIDUAL)
-
-    def prefill(self, h, cos, sin, mask, stack_cache, index, starts) -> tuple[jax.Array, jax.Array]:
-        """Full-form layer that also writes its tokens' latents into slots ``starts[b] + t`` of layer ``index``.
-
-        ``stack_cache [L, B, S, C + R]`` is the cache of this layer's stack; returns ``(h, stack_cache)``.
-        """
-        attn_out, latents = self.attn.full(self.input_norm(h), cos, sin, mask)
-        stack_cache = kv_cache.write(stack_cache, index, starts, latents)
+    def __call__(
+        self, h: jax.Array, pos: Positions, cache: jax.Array | None = None, *, layer=None, form: str = "full"
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``h [B, T, D]`` -> ``(h, cache)``. With ``cache`` (this stack's ``[L, B, S, C + R]`` latents) the layer
+        writes its new tokens' latents into layer ``layer`` of it; ``form`` is the MLA form
+        (:meth:`k25jax.attention.MLA.__call__`). ``layer`` also tells an MoE whose experts are kept layer-stacked
+        which layer it is."""
+        attn_out, cache = self.attn(self.input_norm(h), pos, cache, layer=layer, form=form)
         h = h + attn_out.astype(h.dtype)
-        return constrain(h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), RESIDUAL), stack_cache
-
-    def extend(self, h, cos, sin, mask, stack_cache, index, starts) -> tuple[jax.Array, jax.Array]:
-        """Absorbed-form layer over the cache: write the new tokens' latents, then attend over all slots.
-
-        ``h [B, T, D]`` are new tokens at positions ``starts[b] + t``; ``mask [B, T, S]`` over cache slots.
-        """
-        x = self.input_norm(h).astype(self.attn.dtype)
-        q_nope, q_pe = self.attn.queries(x, cos, sin)
-        c_kv, k_pe = self.attn.latents(x, cos, sin)
-        stack_cache = kv_cache.write(stack_cache, index, starts, jnp.concatenate([c_kv, k_pe], axis=-1))
-        attn_out = self.attn.absorbed(q_nope, q_pe, stack_cache[index], mask)
-        h = h + attn_out.astype(h.dtype)
-        return constrain(h + self.mlp(self.post_attn_norm(h)).astype(h.dtype), RESIDUAL), stack_cache
+        x = self.post_attn_norm(h)
+        mlp_out = self.mlp(x, layer) if isinstance(self.mlp, MoE) else self.mlp(x)
+        return constrain(h + mlp_out.astype(h.dtype), RESIDUAL), cache
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -75,65 +63,71 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
     return build(keys)
 
 
-def scan_layers(
-    stack: nnx.Module, h: jax.Array, step: Callable, *, remat: bool = False, cache: jax.Array | None = None
-):
-    """Run the stacked layers of ``stack`` over ``h`` with ``jax.lax.scan``.
+REMAT = {
+    "none": None,
+    "full": None,  # jax.checkpoint's default: save nothing inside a layer, recompute it on the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
-    Without ``cache``: ``step(layer, h) -> h``; returns ``h``. With ``cache`` (this stack's latent cache
-    ``[L, B, S, C + R]``): ``step(layer, h, cache, index) -> (h, cache)``; returns ``(h, cache)``. The whole cache
-    rides in the scan carry and each layer writes only its new slots in place (the cache is never rebuilt as a
-    scan output, which would copy all of it every step).
+# Routed-expert weights stay whole ([L, E, ...]) in a cached scan instead of being sliced per layer: a slice is a
+# copy of every expert of the layer, while a decode step reads only the few experts its tokens chose (the expert
+# op indexes [layer, expert] itself, told the layer by DecoderLayer's ``layer`` argument).
+EXPERTS_WHOLE = nnx.PathContains("experts")
+
+
+def scan_layers(stack: nnx.Module, carry, step: Callable, *, remat: str = "none", keep_whole=None):
+    """Run the stacked layers of ``stack`` with ``jax.lax.scan``: ``step(layer, carry, index) -> carry`` for each
+    layer ``index`` in order; returns the final carry.
+
+    ``keep_whole``: an nnx filter of parameters passed whole (``[L, ...]``) to every step instead of sliced per
+    layer (the cached decoder passes :data:`EXPERTS_WHOLE`); a module holding such parameters reads layer
+    ``index`` of them itself. ``remat``: a :data:`REMAT` policy name, applied to each layer. A latent cache rides
+    in the carry and each layer writes only its new slots in place (the cache is never rebuilt as a scan
+    output, which would copy all of it every step).
     """
-    graphdef, state = nnx.split(stack)
-
-    if cache is None:
-
-        def body(carry, layer_state):
-            return step(nnx.merge(graphdef, layer_state), carry), None
-
-        if remat:
-            body = jax.checkpoint(body)
-        h, _ = jax.lax.scan(body, h, state)
-        return h
-
-    # Routed-expert weights stay whole ([L, E, ...]) instead of being sliced per layer by the scan: a slice is a
-    # copy of every expert of the layer, while a decode step reads only the few experts its tokens chose
-    # (moe.Experts indexes [layer, expert] itself).
-    graphdef, whole, sliced = nnx.split(stack, nnx.PathContains("experts"), ...)
+    if keep_whole is None:
+        graphdef, sliced = nnx.split(stack)
+        whole = ()
+    else:
+        graphdef, kept, sliced = nnx.split(stack, keep_whole, ...)
+        whole = (kept,)
     count = int(jax.tree.leaves(sliced)[0].shape[0])
 
-    def cached_body(carry, xs):
+    def body(carry, xs):
         layer_state, index = xs
-        layer = nnx.merge(graphdef, whole, layer_state)
-        for _, module in nnx.iter_modules(layer):
-            if isinstance(module, Experts):
-                module.layer_index = index
-        return step(layer, *carry, index), None
+        return step(nnx.merge(graphdef, *whole, layer_state), carry, index), None
 
-    (h, cache), _ = jax.lax.scan(cached_body, (h, cache), (sliced, jnp.arange(count)))
-    return h, cache
+    if remat not in REMAT:
+        raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT)}")
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT[remat])
+    carry, _ = jax.lax.scan(body, carry, (sliced, jnp.arange(count, dtype=jnp.int32)))
+    return carry
 
 
 class TextModel(nnx.Module):
     """The K2.5 text stack. ``model(input_ids)`` returns float32 logits ``[B, T, V]``."""
 
-    def __init__(self, cfg: TextConfig, *, dtype=jnp.bfloat16, param_dtype=None, rngs: nnx.Rngs):
-        param_dtype = param_dtype or dtype
+    def __init__(self, cfg: TextConfig, run: RunConfig | None = None, *, rngs: nnx.Rngs):
+        run = run or RunConfig()
         self.cfg = cfg
-        self.dtype = dtype
-        self.remat = False
-        self.embed_tokens = param(
-            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, what="embed_tokens"
-        )
+        self.run = run
+        pdt = run.params
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt, what="embed_tokens")
 
         def layer(moe: bool):
-            return lambda r: DecoderLayer(cfg, moe, dtype=dtype, param_dtype=param_dtype, rngs=r)
+            return lambda r: DecoderLayer(cfg, moe, run, rngs=r)
 
         self.dense_layers = stacked(layer(False), cfg.num_dense_layers, rngs) if cfg.num_dense_layers else None
         self.moe_layers = stacked(layer(True), cfg.num_moe_layers, rngs) if cfg.num_moe_layers else None
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype, what="lm_head")
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt, what="lm_head")
+
+    @property
+    def dtype(self):
+        """The compute dtype (``run.compute_dtype``)."""
+        return self.run.compute
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """``[B, T]`` int ids -> ``[B, T, D]`` in the compute dtype."""
@@ -143,50 +137,47 @@ class TextModel(nnx.Module):
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         return rope_angles(positions, text_inv_freq(self.cfg), text_rope_scale(self.cfg))
 
-    def hidden(self, h: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """Run the decoder layers and the final norm over embeddings ``h [B, T, D]``."""
-        cos, sin = self.rope(positions)
-
-        def step(layer: DecoderLayer, carry: jax.Array) -> jax.Array:
-            return layer(carry, cos, sin, mask)
-
-        for stack in (self.dense_layers, self.moe_layers):
-            if stack is not None:
-                h = scan_layers(stack, h, step, remat=self.remat)
-        return self.norm(h)
-
     def stacks(self) -> dict[str, nnx.Module]:
         """The layer stacks in execution order, keyed like :class:`k25jax.cache.LatentCache` stacks."""
         named = {"dense_layers": self.dense_layers, "moe_layers": self.moe_layers}
         return {k: v for k, v in named.items() if v is not None}
 
-    def hidden_cached(
-        self, h: jax.Array, starts: jax.Array, new_lengths: jax.Array, cache: LatentCache, absorbed: bool
-    ) -> tuple[jax.Array, LatentCache]:
-        """Run the decoder over new tokens ``h [B, T, D]`` at positions ``starts[b] + t``, filling ``cache``.
+    def forward(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        cache: LatentCache | None = None,
+        *,
+        form: str = "full",
+        key_valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, LatentCache | None]:
+        """The decoder layers and the final norm over embeddings ``h [B, T, D]`` at ``positions [B, T]``.
 
-        ``absorbed=False`` (prefill): full-form attention among the new tokens only, valid when the cache holds
-        nothing before them (``starts`` all zero). ``absorbed=True`` (decode, continuation): absorbed attention
-        over every cache slot up to each query's position. Returns the final-normed hidden ``[B, T, D]`` and the
-        cache with ``lengths = new_lengths``.
+        Without ``cache``: attention among these tokens (causal, and only over keys with ``key_valid [B, T]``
+        when given). With ``cache``: the tokens' latents are written into slots ``positions`` first, then
+        ``form="full"`` attends among the new tokens only (prefill: valid when the cache holds nothing before
+        them; right padding needs no mask, a real query never sees a later padded key) and ``form="absorbed"``
+        over every cache slot up to each query's position (decode, continuation). Returns the final-normed hidden
+        ``[B, T, D]`` and the cache with its new latents (``lengths`` untouched: callers set them), or None.
         """
-        T = h.shape[1]
-        positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         cos, sin = self.rope(positions)
-        if absorbed:
+        if cache is not None and form == "absorbed":
             mask = kv_cache.slot_mask(positions, cache.max_len)
         else:
-            # Right padding: a real query never sees a padded key under the causal mask alone.
-            mask = causal_mask(positions, positions)
+            mask = causal_mask(positions, positions, key_valid if cache is None else None)
+        pos = Positions(positions, cos, sin, mask)
+        if cache is None:
+            for stack in self.stacks().values():
+                h = scan_layers(stack, h, lambda layer, h, i: layer(h, pos, form=form)[0], remat=self.run.remat)
+            return self.norm(h), None
         stacks = dict(cache.stacks)
         for name, stack in self.stacks().items():
 
-            def step(layer: DecoderLayer, carry, stack_cache, index):
-                run = layer.extend if absorbed else layer.prefill
-                return run(carry, cos, sin, mask, stack_cache, index, starts)
+            def step(layer: DecoderLayer, carry, index):
+                return layer(carry[0], pos, carry[1], layer=index, form=form)
 
-            h, stacks[name] = scan_layers(stack, h, step, cache=stacks[name])
-        return self.norm(h), LatentCache(stacks=stacks, lengths=new_lengths.astype(jnp.int32))
+            h, stacks[name] = scan_layers(stack, (h, stacks[name]), step, keep_whole=EXPERTS_WHOLE)
+        return self.norm(h), dataclasses.replace(cache, stacks=stacks)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final hidden ``[..., D]`` -> float32 logits ``[..., V]`` (on a mesh: split over the vocabulary)."""
@@ -217,5 +208,4 @@ class TextModel(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         valid = None if attention_mask is None else attention_mask.astype(bool)
-        mask = causal_mask(positions, positions, valid)
-        return self.logits(self.hidden(h, positions, mask))
+        return self.logits(self.forward(h, positions, key_valid=valid)[0])

@@ -363,3 +363,160 @@ def test_jinja_template_agrees_with_the_python_renderer():
     assert render_template(None, [{"role": "user", "content": "hi"}]) == GOLDEN_D
     for case, (messages, kwargs, expected) in RENDER_TABLE.items():
         assert render_template(None, messages, **kwargs) == expected, case
+
+
+# Conversations both renderers must agree on, each rendered with thinking on and off, with and without the
+# generation prompt: (messages, tools).
+ODD_TOOL = [_tool("pick", {"type": "object", "properties": {"v": {"oneOf": [{"type": "string"}]}}}, "Pick é.")]
+CONVERSATIONS = {
+    "system_and_question": ([SYSTEM, {"role": "user", "content": "What is 2+2?"}], None),
+    "multi_turn_past_reasoning_dropped": (RENDER_TABLE["history_reasoning_dropped"][0], None),
+    "tools_declared_call_and_result": (weather_conversation(), WEATHER_TOOL),
+    "tool_loop_after_history": (RENDER_TABLE["tool_loop_after_history"][0], WEATHER_TOOL),
+    "json_fallback_tools_two_calls": (
+        [
+            SYSTEM,
+            {"role": "user", "content": "Pick two."},
+            {
+                "role": "assistant",
+                "content": "Picking.",
+                "reasoning_content": "two calls",
+                "tool_calls": [
+                    {"function": {"name": "pick", "arguments": {"v": "é", "n": [1, 2]}}},
+                    {"id": "functions.pick:1", "type": "function", "function": {"name": "pick", "arguments": "{}"}},
+                ],
+            },
+            {"role": "tool", "name": "pick", "tool_call_id": "functions.pick:0", "content": "a"},
+            {"role": "tool", "tool_call_id": "functions.pick:1", "content": [{"type": "text", "text": "b"}]},
+        ],
+        ODD_TOOL,
+    ),
+    "no_function_tools": ([{"role": "user", "content": "x"}], [{"type": "retrieval", "b": 1, "a": {"d": 2, "c": 3}}]),
+    "media_placeholders": (RENDER_TABLE["media_parts_and_names"][0], None),
+    "media_answer_and_null_reasoning": (
+        [
+            {"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "Why?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Sunny."}], "reasoning_content": "seen"},
+            {"role": "user", "content": "And in Paris?"},
+            {"role": "assistant", "content": None, "reasoning_content": None, "tool_calls": WEATHER_CALL},
+            {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": [{"type": "image", "image": "p"}]},
+        ],
+        WEATHER_TOOL,
+    ),
+}
+FLAGS = [(thinking, prompt) for thinking in (True, False) for prompt in (True, False)]
+
+
+@pytest.mark.parametrize("thinking, add_generation_prompt", FLAGS)
+@pytest.mark.parametrize("case", sorted(CONVERSATIONS))
+def test_builtin_template_is_byte_identical_to_render(case, thinking, add_generation_prompt):
+    """``render`` is the source; ``assets/chat_template.jinja`` must give the same bytes for every feature."""
+    messages, tools = CONVERSATIONS[case]
+    kw = dict(tools=tools, thinking=thinking, add_generation_prompt=add_generation_prompt)
+    expected = render(messages, **kw)
+    assert render_template(None, messages, **kw).encode() == expected.encode()
+
+
+def test_conversations_cover_the_format():
+    """The conversations above exercise each rule (so that the identity test means something)."""
+    texts = {case: render(m, tools=t) for case, (m, t) in CONVERSATIONS.items()}
+    assert texts["tools_declared_call_and_result"] == GOLDEN_C
+    assert texts["json_fallback_tools_two_calls"].startswith('<|im_system|>tool_declare<|im_middle|>[{"function"')
+    assert texts["json_fallback_tools_two_calls"].count("<|tool_call_begin|>") == 2
+    assert '{"v": "é", "n": [1, 2]}' in texts["json_fallback_tools_two_calls"]
+    assert texts["no_function_tools"].startswith('<|im_system|>tool_declare<|im_middle|>[{"a":{"c":3,"d":2},"b":1,')
+    everything = "".join(texts.values())
+    assert "<think></think>b" in texts["multi_turn_past_reasoning_dropped"] and "r1" not in everything
+    assert texts["media_placeholders"].count(IMAGE) == 2 and everything.count("<|kimi_k25_video_placeholder|>\n") == 2
+    assert "<think>None</think>" in texts["media_answer_and_null_reasoning"] and "seen" not in everything
+    off = render(*CONVERSATIONS["tools_declared_call_and_result"][:1], tools=WEATHER_TOOL, thinking=False)
+    assert "I should call the tool." not in off and off.endswith("<think></think>")
+
+
+# A release-style template written for this test: the history end found with a reversed loop and
+# {% break %}, parts skipped with {% continue %}, the declaration from tools_ts_str with a JSON fallback.
+RELEASE_STYLE_TEMPLATE = """
+{%- macro body(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content -%}
+{%- for part in content -%}
+{%- if part.type == 'text' -%}{{ part.text }}{%- continue -%}{%- endif -%}
+{%- if part.type.startswith('image') -%}
+<|media_begin|>image<|media_content|><|media_pad|><|media_end|>{{ '\\n' }}
+{%- continue -%}
+{%- endif -%}
+<|kimi_k25_video_placeholder|>{{ '\\n' }}
+{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- if tools -%}
+<|im_system|>tool_declare<|im_middle|>
+{%- if tools_ts_str -%}{{ tools_ts_str }}{%- else -%}{{ tools | tojson(separators=(',', ':')) }}{%- endif -%}
+<|im_end|>
+{%- endif -%}
+{%- set state = namespace(last_answer=-1) -%}
+{%- for m in messages | reverse -%}
+{%- if m.role == 'assistant' and not m.tool_calls -%}
+{%- set state.last_answer = messages | length - loop.index -%}
+{%- break -%}
+{%- endif -%}
+{%- endfor -%}
+{%- for m in messages -%}
+{%- if m.role == 'user' -%}<|im_user|>{%- elif m.role == 'assistant' -%}<|im_assistant|>
+{%- else -%}<|im_system|>{%- endif -%}
+{{ m.name or m.role }}<|im_middle|>
+{%- if m.role == 'assistant' -%}
+<think>{%- if thinking and loop.index0 > state.last_answer -%}{{ m.reasoning_content }}{%- endif -%}</think>
+{{- body(m.content) -}}
+{%- if m.tool_calls -%}
+<|tool_calls_section_begin|>
+{%- for call in m.tool_calls -%}
+{%- set fn = call.function or call -%}
+<|tool_call_begin|>{{ call.id or ('functions.' ~ fn.name ~ ':' ~ loop.index0) }}<|tool_call_argument_begin|>
+{%- if fn.arguments is string -%}{{ fn.arguments }}{%- elif fn.arguments is defined -%}{{ fn.arguments | tojson }}
+{%- else -%}{}{%- endif -%}
+<|tool_call_end|>
+{%- endfor -%}
+<|tool_calls_section_end|>
+{%- endif -%}
+{%- elif m.role == 'tool' -%}## Return of {{ m.tool_call_id }}{{ '\\n' }}{{ body(m.content) }}
+{%- else -%}{{ body(m.content) }}
+{%- endif -%}
+<|im_end|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_assistant|>assistant<|im_middle|><think>{%- if not thinking -%}</think>{%- endif -%}
+{%- endif -%}
+"""
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize("case", sorted(CONVERSATIONS))
+def test_release_style_template_renders_like_render(case, thinking):
+    """A template with loop controls that reads ``tools_ts_str`` renders byte-identical to ``render``, with
+    TypeScript tools, JSON-fallback tools (its own ``tojson`` of the key-sorted tools) and no tools."""
+    messages, tools = CONVERSATIONS[case]
+    expected = render(messages, tools=tools, thinking=thinking)
+    assert render_template(RELEASE_STYLE_TEMPLATE, messages, tools=tools, thinking=thinking) == expected
+    if tools is WEATHER_TOOL:
+        assert "namespace functions {" in expected  # the tools_ts_str path
+    elif tools is not None:
+        assert expected.startswith('<|im_system|>tool_declare<|im_middle|>[{"')  # the JSON fallback path
+
+
+def test_video_chunk_timestamps_follow_the_preprocessor():
+    """The chat's video blocks use the preprocessor's timestamp rule (nearest millisecond, halves up)."""
+    from k25jax.vision.preprocess import format_timestamp
+
+    tok = Tokenizer.tiny()
+    messages = [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]
+    seconds = [0.0625, 12.0625, 2.3, 3725.5]  # 62.5 and 12062.5 ms are exact ties in binary
+    text = tok.decode(encode(messages, tok, media=[[(s, 1) for s in seconds]]))
+    stamps = [block.split("<|media_begin|>")[0] for block in text.split("<|media_end|>")[:-1]]
+    assert stamps == [U + "00:00:00.063", "00:00:12.063", "00:00:02.300", "01:02:05.500"]
+    assert stamps[1:] == [format_timestamp(s) for s in seconds[1:]]
+    with pytest.raises(ValueError, match="timestamp must be a finite number of seconds >= 0, got -1.0"):
+        encode(messages, tok, media=[[(-1.0, 1)]])
+    text_pad = [{"role": "user", "content": [{"type": "text", "text": "<|media_pad|>"}, {"type": "image"}]}]
+    with pytest.raises(ChatFormatError, match=r"hold 2 <\|media_pad\|> placeholders \(id 1045\) but media give 1"):
+        encode(text_pad, tok, media=[4])

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,10 +123,47 @@ def test_config_disagrees_with_tensors(good, tmp_path, capsys):
 
 
 def test_dtype_disagrees(good, tmp_path, capsys):
-    name = "language_model.model.layers.1.mlp.gate.e_score_correction_bias"
-    release = _write_modified(good, tmp_path, {name: good[1][name].to(torch.bfloat16)})
+    """Integer data stored as float (or the reverse) is an error naming the file and tensor."""
+    name = "language_model.model.layers.1.mlp.experts.2.gate_proj.weight_packed"
+    release = _write_modified(good, tmp_path, {name: good[1][name].to(torch.float32)})
     err = _convert_fails(tmp_path, release, capsys)
-    assert f"tensor {name} has dtype BF16, expected F32" in err
+    assert re.search(r"\.safetensors: tensor " + re.escape(name) + " has dtype F32, expected I32$", err), err
+
+
+def test_other_float_dtypes_are_cast_as_the_loader_casts(good, tmp_path):
+    """A BF16 correction bias (release: F32) converts silently; an F32 norm (release: BF16) is rounded with one
+    warning naming it: the checkpoint holds exactly what loading the release directly gives."""
+    import warnings
+
+    import convert_helpers as helpers
+
+    from convert.to_orbax import convert_release
+    from k25jax import load_model
+    from k25jax.release.reader import ReleaseCastWarning, ReleaseReader
+
+    bias = "language_model.model.layers.1.mlp.gate.e_score_correction_bias"
+    norm = "language_model.model.layers.2.post_attention_layernorm.weight"
+    tensors = good[1]
+    assert torch.count_nonzero(tensors[bias]) == tensors[bias].numel()
+    changes = {bias: tensors[bias].to(torch.bfloat16), norm: tensors[norm].float() + 2.0**-12}
+    release = _write_modified(good, tmp_path, changes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_release(release, tmp_path / "ckpt", progress=False)
+        direct = load_model(release, progress=False)
+    casts = [w for w in caught if issubclass(w.category, ReleaseCastWarning)]
+    assert len(casts) == 2  # one from the converter, one from the direct load
+    file = ReleaseReader(release).tensors[norm].file
+    for w in casts:
+        assert f"{file}: tensor {norm} (F32 -> BF16)" in str(w.message) and bias not in str(w.message)
+    restored = load_model(tmp_path / "ckpt")
+    helpers.assert_same_params(restored, direct)
+    got = np.asarray(restored.text.moe_layers.mlp.correction_bias[...])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got[0], tensors[bias].to(torch.bfloat16).float().numpy())
+    got_norm = np.asarray(restored.text.moe_layers.post_attn_norm.weight[...][1], np.float32)
+    assert not np.array_equal(changes[norm].numpy(), tensors[norm].float().numpy())
+    np.testing.assert_array_equal(got_norm, tensors[norm].float().numpy())  # rounded back onto the bf16 grid
 
 
 def test_weight_shape_values_disagree(good, tmp_path, capsys):

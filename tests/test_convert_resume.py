@@ -3,9 +3,11 @@ work and produces the same checkpoint; DST appears only complete; existing outpu
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import convert_helpers as helpers
@@ -13,14 +15,17 @@ import pytest
 
 from convert.describe import inspect_path
 from convert.destination import JOURNAL_NAME, DestinationError
-from convert.to_orbax import PAUSE_ENV, convert_release
+from convert.to_orbax import checkpoint_specs, convert_release, read_config
 from k25jax.checkpoint import CHECKPOINT_MARKER
 from k25jax.cli import main
+from k25jax.release.keymap import release_entries
+from k25jax.release.reader import ReleaseReader
 
 import configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAUSE_AFTER = 40  # tensor groups journaled before the converter stops and waits to be killed
+PAUSER = os.path.join(ROOT, "tests", "pause_convert.py")
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +50,49 @@ def _chunk_mtimes(root: str) -> dict[str, int]:
     return out
 
 
-def _run_until_paused(release: str, dst: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **{PAUSE_ENV: str(PAUSE_AFTER)})
+def _entry_chunk_files(release: str) -> tuple[dict[str, set[str]], dict[str, int]]:
+    """``{entry key: chunk files (relative to the checkpoint) it writes}`` and ``{entry key: source bytes}``."""
+    cfg = read_config(release)
+    entries = release_entries(cfg)
+    specs = checkpoint_specs(cfg, entries)
+    reader = ReleaseReader(release)
+    files, nbytes = {}, {}
+    for e in entries:
+        files[e.key] = set()
+        for t in e.targets:
+            spec = specs[t.path]
+            region = tuple(slice(i, i + 1) for i in t.index) + (slice(None),) * (len(spec.shape) - len(t.index))
+            files[e.key] |= {os.path.join(spec.name, k) for k in spec.chunk_keys(region)}
+        nbytes[e.key] = sum(reader.tensors[s.name].nbytes for s in e.sources)
+    return files, nbytes
+
+
+def _run_until_paused(release: str, dst: str, timeout: float = 240) -> subprocess.Popen:
+    """Start the converter (through tests/pause_convert.py) and return once it says it paused; a converter that
+    exits or stays silent for ``timeout`` seconds fails the test instead of hanging it."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "k25jax.cli", "convert", release, dst, "--quiet"],
+        [sys.executable, PAUSER, str(PAUSE_AFTER), "convert", release, dst, "--quiet"],
         cwd=ROOT,
         env=env,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    for line in proc.stderr:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr] + [lines.put(None)], daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:  # stderr closed: the converter exited
+            break
+        seen.append(line)
         if "paused after" in line:
             return proc
-        if time.monotonic() > deadline:
-            break
     proc.kill()
-    raise AssertionError(f"converter did not pause (exit {proc.wait()})")
+    raise AssertionError(f"converter did not pause (exit {proc.wait()}): {''.join(seen)[-2000:]}")
 
 
 def test_killed_conversion_resumes_to_an_identical_checkpoint(release, tmp_path):
@@ -73,7 +104,9 @@ def test_killed_conversion_resumes_to_an_identical_checkpoint(release, tmp_path)
     assert not os.path.exists(dst) and os.path.isdir(partial)
     assert not os.path.exists(os.path.join(partial, CHECKPOINT_MARKER))  # nothing looks complete
     journaled = _journaled(partial)
-    assert len(journaled) >= PAUSE_AFTER
+    # Each retired unit is committed on its own, so each commit journals at most one key: the committer stops at
+    # exactly PAUSE_AFTER, and nothing later is journaled.
+    assert len(journaled) == PAUSE_AFTER
     status = inspect_path(dst)["status"]  # inspect finds the unfinished conversion
     assert status.startswith(f"partial: {len(journaled)} of ") and "re-run the conversion to resume" in status
     before = _chunk_mtimes(partial)
@@ -83,11 +116,19 @@ def test_killed_conversion_resumes_to_an_identical_checkpoint(release, tmp_path)
         f"killed after {len(journaled)} journaled tensor groups; resumed {summary['resumed_bytes']} of "
         f"{summary['source_bytes']} bytes"
     )
+    entry_files, entry_bytes = _entry_chunk_files(release)
+    # Exactly the journaled entries are skipped: their source bytes are the resumed bytes, ...
+    assert summary["resumed_bytes"] == sum(entry_bytes[k] for k in journaled)
     assert 0 < summary["resumed_bytes"] < summary["source_bytes"]
     assert summary["converted_bytes"] == summary["source_bytes"] - summary["resumed_bytes"]
+    # ... their chunk files are kept as they were, and every other chunk file on disk at the kill is rewritten
+    # (the writers went on after the pause: those files belong to entries the journal does not name).
+    kept = set().union(*(entry_files[k] for k in journaled))
+    assert kept <= before.keys()
     after = _chunk_mtimes(dst)
-    untouched = [p for p, t in before.items() if after.get(p) == t]
-    assert len(untouched) >= PAUSE_AFTER // 2  # journaled work was not redone (its chunk files kept)
+    untouched = {p for p, t in before.items() if after.get(p) == t}
+    print(f"{len(kept)} chunk files of journaled entries kept; {len(before) - len(kept)} others on disk redone")
+    assert untouched == kept
 
     fresh = str(tmp_path / "fresh")
     convert_release(release, fresh, progress=False)

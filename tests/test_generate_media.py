@@ -11,7 +11,7 @@ from PIL import Image
 from k25jax import build_model
 from k25jax.cache import LatentCache
 from k25jax.chat import prepare
-from k25jax.config import tiny
+from k25jax.config import RunConfig, tiny
 from k25jax.generate import extend, generate, media_embeds, prefill
 from k25jax.tokenizer import Tokenizer
 
@@ -128,7 +128,7 @@ def test_media_errors_name_the_prompt(model, prompts):
         generate(model, [ids], media=[media, None], max_new_tokens=2)
     with pytest.raises(ValueError, match="media or inputs_embeds, not both"):
         generate(model, [ids], media=[media], inputs_embeds=[None], max_new_tokens=2)
-    text_only = build_model(dataclasses.replace(tiny(), vision=None), dtype=jnp.float32)
+    text_only = build_model(dataclasses.replace(tiny(), vision=None), RunConfig(compute_dtype=jnp.float32))
     with pytest.raises(ValueError, match="has no vision tower"):
         generate(text_only, [ids], media=[media], max_new_tokens=2)
 

@@ -13,7 +13,7 @@ from convert.describe import _params, inspect_path
 from convert.to_orbax import convert_release
 from k25jax import abstract_model, count_params
 from k25jax.cli import main
-from k25jax.config import k25
+from k25jax.config import RunConfig, k25
 from k25jax.release.reader import ReleaseReader
 
 import configs
@@ -78,4 +78,6 @@ def test_full_size_counts_without_weights():
     print(f"K2.5 parameters: {counted:,}")
     assert counted == count_params(abstract_model(cfg))
     text_only = dataclasses.replace(cfg, vision=None)
-    assert sum(_params(text_only).values()) == count_params(abstract_model(text_only, dtype=jnp.bfloat16))
+    assert sum(_params(text_only).values()) == count_params(
+        abstract_model(text_only, RunConfig(compute_dtype=jnp.bfloat16))
+    )

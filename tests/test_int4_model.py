@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from k25jax import abstract_model, build_model, count_params
-from k25jax.config import k25, tiny
+from k25jax.config import RunConfig, k25, tiny
 from k25jax.moe import Experts
 from k25jax.quant import Int4Array, Int4Packed, Int4Scales, Int4Weight
 from k25jax.sharding import LOGICAL_AXES
@@ -32,7 +32,7 @@ def _close(a, b, tol=TOL):
 
 
 def test_quantized_config_gives_int4_experts_with_logical_axes():
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     (experts,) = _experts(model)
     assert isinstance(experts.gate_proj, Int4Weight) and experts.gate_proj.shape == (2, 8, 64, 32)
     assert isinstance(experts.gate_proj.packed, Int4Packed) and isinstance(experts.down_proj.scales, Int4Scales)
@@ -68,7 +68,7 @@ def test_full_size_int4_model_is_abstract_and_counts_unpacked():
 
 
 def test_split_merge_and_scan_slicing():
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     graphdef, state = nnx.split(model)
     leaves = jax.tree.leaves(state)
     assert all(isinstance(x, jax.Array) for x in leaves)
@@ -90,34 +90,34 @@ def test_split_merge_and_scan_slicing():
 
 
 def test_kernels_setting_switches_and_agrees():
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     ids = _ids()
     xla = np.asarray(model(ids))
     for kernels in ("pallas", "pallas:gpu", "pallas:tpu"):
-        model.set_kernels(kernels)
-        assert all(e.kernels == kernels for e in _experts(model))
+        model.set_run(kernels=kernels)
+        assert all(e.run.kernels == kernels for e in _experts(model))
         _close(nnx.jit(lambda m, x: m(x))(model, ids), xla)
     with pytest.raises(ValueError, match="not one of"):
-        model.set_kernels("triton")
+        model.set_run(kernels="triton")
 
 
 def test_gradient_flows_through_int4_experts():
     """QAT/LoRA need gradients w.r.t. activations through the packed experts (custom_vjp), same as XLA's."""
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     ids = _ids(8)
     emb = model.text.embed(ids)
 
     def loss(h, m):
         return (m.text(ids, inputs_embeds=h) ** 2).mean()
 
-    want = jax.grad(loss)(emb, model.set_kernels("xla"))
-    got = jax.grad(loss)(emb, model.set_kernels("pallas"))
+    want = jax.grad(loss)(emb, model.set_run(kernels="xla"))
+    got = jax.grad(loss)(emb, model.set_run(kernels="pallas"))
     _close(got, want)
 
 
 def test_sharded_device_put_by_logical_axes():
     """Every INT4 leaf gets a NamedSharding from its own logical axes; the sharded model computes the same."""
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     ids = _ids()
     want = np.asarray(model(ids))
     mesh = jax.make_mesh((4, 2), ("expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -139,11 +139,11 @@ def test_sharded_device_put_by_logical_axes():
 
 
 def test_orbax_save_restore_roundtrip(tmp_path):
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     _, state = nnx.split(model)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp_path / "ckpt", state)
-    abstract = nnx.state(abstract_model(tiny(), dtype=jnp.float32))
+    abstract = nnx.state(abstract_model(tiny(), RunConfig(compute_dtype=jnp.float32)))
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(tmp_path / "ckpt", abstract)
     gate = restored["text"]["moe_layers"]["mlp"]["experts"]["gate_proj"]
@@ -155,7 +155,7 @@ def test_orbax_save_restore_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("platform,call", [("tpu", "tpu_custom_call"), ("cuda", "xla.gpu.triton")])
 def test_whole_model_lowers_with_pallas_kernels(platform, call):
-    model = build_model(tiny(), dtype=jnp.bfloat16, kernels="pallas")
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.bfloat16, kernels="pallas"))
     graphdef, state = nnx.split(model)
 
     def forward(state, ids):

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from k25jax import abstract_model, build_model, count_params
-from k25jax.config import k25, tiny
+from k25jax.config import RunConfig, k25, tiny
 from k25jax.release.keymap import release_entries, release_tensor_count
 from k25jax.sharding import LOGICAL_AXES
 
@@ -55,7 +55,7 @@ def test_every_param_has_known_logical_axes():
 
 
 def test_causal_and_float32_logits():
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 12)))
     full = np.asarray(model(ids))
     assert full.dtype == np.float32 and full.shape == (2, 12, tiny().text.vocab_size)
@@ -66,15 +66,15 @@ def test_causal_and_float32_logits():
 
 
 def test_bf16_compute_close_to_float32():
-    m32 = build_model(tiny(), dtype=jnp.float32)
-    m16 = build_model(tiny(), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    m32 = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
+    m16 = build_model(tiny(), RunConfig(compute_dtype=jnp.bfloat16, param_dtype=jnp.float32))
     ids = jnp.arange(16).reshape(1, 16)
     a, b = np.asarray(m32(ids)), np.asarray(m16(ids))
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
 def test_jit_matches_eager():
-    model = build_model(tiny(), dtype=jnp.float32)
+    model = build_model(tiny(), RunConfig(compute_dtype=jnp.float32))
     ids = jnp.arange(10).reshape(1, 10)
     eager = np.asarray(model(ids))
     jitted = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))

@@ -61,3 +61,22 @@ def test_zarray_mismatch_is_an_error(tmp_path):
     write_zarray(str(tmp_path), spec)  # idempotent
     with pytest.raises(ValueError, match="array metadata differs"):
         write_zarray(str(tmp_path), ArraySpec(("x",), (16,), np.dtype(np.int32), (8,)))
+
+
+def test_installed_orbax_is_in_the_pinned_range():
+    """orbax_format writes orbax's on-disk layout by hand (as orbax 0.12 writes it, restored by orbax's own API in
+    tests/test_convert.py): pyproject.toml pins the orbax-checkpoint range that is tested, and the installed one is
+    in it."""
+    from importlib.metadata import version
+
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        deps = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+    [orbax] = [r for r in deps if r.name == "orbax-checkpoint"]
+    installed = Version(version("orbax-checkpoint"))
+    assert installed in orbax.specifier, (str(orbax.specifier), str(installed))
+    assert Version(f"{installed.major}.{installed.minor + 1}.0") not in orbax.specifier  # an upper bound: next minor

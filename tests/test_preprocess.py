@@ -139,12 +139,31 @@ def test_expand_media_pads():
     assert expand_media_pads([1, 2], np.zeros((0, 3), np.int64), pad) == [1, 2]
 
 
+def test_expand_pads_by_counts():
+    """The count form ``k25jax.chat`` expands with (one rule for images and video chunks)."""
+    from k25jax.vision.preprocess import expand_pads
+
+    pad = 1045
+    assert expand_pads([1, pad, 2, pad, pad], [3, 1, 2], pad) == [1, pad, pad, pad, 2, pad, pad, pad]
+    with pytest.raises(ValueError, match=r"hold 2 <\|media_pad\|> placeholders \(id 1045\) but media give 1 media"):
+        expand_pads([pad, pad], [4], pad, counts_from="media give")
+
+
 @pytest.mark.parametrize(
     "seconds, text",
-    [(0, "00:00:00.000"), (2.3, "00:00:02.300"), (59.9999, "00:01:00.000"), (3725.5, "01:02:05.500")],
+    [
+        (0, "00:00:00.000"),
+        (2.3, "00:00:02.300"),
+        (59.9999, "00:01:00.000"),
+        (3725.5, "01:02:05.500"),
+        (12.0625, "00:00:12.063"),  # an exact tie (12062.5 ms) rounds up, not to even
+        (0.0625, "00:00:00.063"),
+    ],
 )
 def test_format_timestamp(seconds, text):
     assert format_timestamp(seconds) == text
+    block = "<|media_begin|>video<|media_content|><|media_pad|><|media_end|>"
+    assert video_prompt([seconds]) == video_prompt([text]) == text + block
 
 
 def test_frame_sampling_at_most_two_per_second():

@@ -11,7 +11,7 @@ from flax import nnx
 
 from k25jax import build_model
 from k25jax.cache import LatentCache
-from k25jax.config import k25, tiny
+from k25jax.config import RunConfig, k25, tiny
 from k25jax.generate import extend, prefill
 from k25jax.moe import Experts
 from k25jax.plan import cache_bytes, collectives, param_bytes, plan, trainable_bytes
@@ -56,7 +56,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(variant(), dtype=jnp.float32, seed=1)
+    return build_model(variant(), RunConfig(compute_dtype=jnp.float32), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_sharded_logits_match_single_device(model, inputs, reference, name):
 def test_pallas_kernels_on_the_mesh(model, inputs, reference):
     """The INT4 Pallas grouped kernel (interpreted on CPU) runs inside the expert-parallel shard_map too."""
     mesh = make_mesh(expert=4, tensor=2)
-    placed = shard_model(model, mesh).set_kernels("pallas")
+    placed = shard_model(model, mesh).set_run(kernels="pallas")
     with use_mesh(mesh):
         full = nnx.jit(lambda m, x: m(x))(placed, jnp.asarray(inputs[0]))
     assert _rel(full, reference[0]) <= REL
@@ -191,7 +191,7 @@ def test_expert_layout_paths_and_errors():
 def test_plan_bytes_equal_real_buffers(model):
     """Planner parameter and cache bytes per device == the bytes each device really holds."""
     cfg = variant()
-    abstract = nnx.eval_shape(lambda: build_model(cfg, dtype=jnp.float32, seed=1))
+    abstract = nnx.eval_shape(lambda: build_model(cfg, RunConfig(compute_dtype=jnp.float32), seed=1))
     for sizes, batch in [(dict(expert=4, tensor=2), 4), (dict(data=2, expert=2, tensor=2), 2)]:
         mesh = make_mesh(**sizes)
         placed = shard_model(model, mesh)

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from k25jax import abstract_model, build_model
-from k25jax.config import k25, tiny
+from k25jax.config import RunConfig, k25, tiny
 from k25jax.sharding import ShardingError, logical_spec, make_mesh, parse_mesh, shard_model, state_shardings
 
 from configs import text_variant
@@ -52,7 +52,7 @@ def test_full_k25_shardings_divide_on_target_meshes():
 
 def test_sharded_tiny_model_matches_single_device():
     # expert width 64 = 2 INT4 groups, so the down projection's K splits over tensor=2
-    model = build_model(text_variant(tiny(), moe_intermediate_size=64), dtype=jnp.float32)
+    model = build_model(text_variant(tiny(), moe_intermediate_size=64), RunConfig(compute_dtype=jnp.float32))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 8)))
     ref = np.asarray(model(ids))
     mesh = make_mesh(expert=4, tensor=2)

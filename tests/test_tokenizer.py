@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from tiktoken._educational import bpe_train
+from tiktoken._educational import bpe_encode, bpe_train
 
 from k25jax.assets import make_tiny_tokenizer
 from k25jax.config import tiny
@@ -97,22 +97,65 @@ def test_encode_decode_round_trip(bpe_dir):
         tok.decode([tok.vocab_size])
 
 
-def test_pretokenisation_matches_the_pattern_split(bpe_dir):
+def test_pretokenisation_matches_the_pattern_split(bpe_dir, ranks):
     """tiktoken's regex engine splits exactly as ``regex`` with V1 semantics (``&&`` intersections)."""
     tok = Tokenizer.from_file(bpe_dir / "tiktoken.model")
     text = CORPUS + "HTTPServer's XMLHttpRequest ÀbcDEF 北京Beijing上海 x1234567 '  \n\n  tail  "
     pieces = pretokenize(text)
     assert "".join(pieces) == text
-    assert tok.encode(text) == [i for p in pieces for i in tok.encode(p)]
+    # Each piece BPE-encoded on its own (the reference BPE, no further splitting) gives tiktoken's ids.
+    ids = tok.encode(text)
+    assert ids == [i for p in pieces for i in tok.encode(p)]
+    assert ids == [i for p in pieces for i in bpe_encode(ranks, p.encode(), visualise=None)]
+    assert max(len(p) for p in pieces) >= 6 and len(ids) < len(text)  # multi-character pieces, merged tokens
     # Hand-checked splits: Han runs apart from Latin letters, case changes, contractions, 3-digit groups.
     assert pretokenize("北京Beijing上海") == ["北京", "Beijing", "上海"]
     assert pretokenize("CamelCase HTTPServer's") == ["Camel", "Case", " HTTPServer's"]
     assert pretokenize("they'll x1234567") == ["they'll", " x", "123", "456", "7"]
     assert pretokenize("a  \n\n  b") == ["a", "  \n\n", " ", " b"]
-    # Without V1 the `&&` is read as literal ampersands and Han characters join letter runs.
+    # Without V1, ``regex`` reads ``[...&&[^\p{Han}]]`` as a class followed by a literal "]": no letter run matches
+    # and findall drops the letters.
     import regex
 
-    assert regex.findall(PATTERN, "é北京") != pretokenize("é北京")
+    assert regex.findall(PATTERN, "é北京") == ["北京"] and pretokenize("é北京") == ["é", "北京"]
+
+
+def _prefix_chain_ranks(words):
+    """Byte ranks 0..255, then every prefix (2 bytes and up) of each word's UTF-8 bytes, earlier words first: BPE
+    builds each word by appending one byte at a time, and an earlier word's merges win."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for word in words:
+        data = word.encode()
+        for n in range(2, len(data) + 1):
+            ranks.setdefault(data[:n], len(ranks))
+    return ranks
+
+
+def test_pretokenisation_keeps_han_apart_from_letters():
+    r"""Ranks with merges across the V1 piece boundaries ("é|北京", "Beijing|上海") that a wrong split would take:
+    the ids show where tiktoken split. V1 splits "é北京Beijing上海" into é | 北京 | Beijing | 上海; reading the
+    ``&&[^\p{Han}]`` intersections away joins Han to the letter runs (é北京 | Beijing上海), the V0 reading drops
+    the letters (北京 | 上海), and a split per character merges nothing across characters."""
+    ranks = _prefix_chain_ranks(["é北京", "Beijing上海", "北京", "上海"])
+    # é北京 takes 256..262 (é is 256), Beijing上海 263..274 (Beijing, a prefix, 268), 北京 275..279, 上海 280..284.
+    words = {"é": 256, "é北京": 262, "Beijing": 268, "Beijing上海": 274, "北京": 279, "上海": 284}
+    assert {w: ranks[w.encode()] for w in words} == words
+    tok = Tokenizer(ranks)
+    text = "é北京Beijing上海"
+    assert pretokenize(text) == ["é", "北京", "Beijing", "上海"]
+    ids = tok.encode(text)
+    assert ids == [256, 279, 268, 284]
+    assert ids == [i for p in pretokenize(text) for i in bpe_encode(ranks, p.encode(), visualise=None)]
+    assert [tok.decode([i]) for i in ids] == ["é", "北京", "Beijing", "上海"]  # multi-character tokens
+    assert tok.decode(ids) == text
+    # What the wrong splits would give, so the ids above tell them apart.
+    han_joined = [i for p in ["é北京", "Beijing上海"] for i in bpe_encode(ranks, p.encode(), visualise=None)]
+    per_character = [i for ch in text for i in bpe_encode(ranks, ch.encode(), visualise=None)]
+    assert han_joined == [262, 274]
+    assert per_character == [256, 276, 228, 186, 172, 66, 101, 105, 106, 105, 110, 103, 281, 230, 181, 183]
+    import regex
+
+    assert regex.findall(PATTERN, text) == ["北京", "上海"]  # V0
 
 
 def test_malformed_files_name_the_line(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from k25jax import abstract_model, build_model
-from k25jax.config import k25, tiny
+from k25jax.config import RunConfig, k25, tiny
 from k25jax.vision import as_grid, expand_media_pads
 from k25jax.vision.attention import dense_segment_attention, segment_attention
 from k25jax.vision.moonvit import bicubic_matrix, resample_position_table, segment_ids
@@ -18,7 +18,7 @@ from k25jax.vision.moonvit import bicubic_matrix, resample_position_table, segme
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(tiny(), dtype=jnp.float32, seed=3)
+    return build_model(tiny(), RunConfig(compute_dtype=jnp.float32), seed=3)
 
 
 def _pixels(grid, seed=0):
@@ -132,8 +132,8 @@ def test_jit_with_static_grid_matches_eager(model):
 
 def test_bf16_vision_close_to_float32():
     cfg = tiny()
-    m32 = build_model(cfg, dtype=jnp.float32, seed=1)
-    m16 = build_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed=1)
+    m32 = build_model(cfg, RunConfig(compute_dtype=jnp.float32), seed=1)
+    m16 = build_model(cfg, RunConfig(compute_dtype=jnp.bfloat16, param_dtype=jnp.float32), seed=1)
     grid = ((1, 6, 4), (4, 2, 2))
     pix = _pixels(grid, seed=7)
     a = np.asarray(m32.vision_features(pix, grid))
@@ -167,7 +167,7 @@ def test_traced_grid_is_a_clear_error(model):
 
 
 def test_text_only_model_rejects_pixels():
-    m = build_model(dataclasses.replace(tiny(), vision=None), dtype=jnp.float32)
+    m = build_model(dataclasses.replace(tiny(), vision=None), RunConfig(compute_dtype=jnp.float32))
     with pytest.raises(ValueError, match="has no vision tower"):
         m(jnp.asarray([[1, 2]]), pixel_values=np.zeros((4, 3, 14, 14), np.float32), grid_thw=[[1, 2, 2]])
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from k25jax import load_model
-from k25jax.config import tiny
+from k25jax.config import RunConfig, tiny
 from k25jax.release.keymap import release_tensor_count
 from k25jax.release.reader import ReleaseError
 
@@ -31,7 +31,9 @@ def test_vision_tensors_land_in_place(tmp_path, release):
     vision_names = [n for n in tensors if n.startswith(("vision_tower.", "mm_projector."))]
     assert len(vision_names) == 5 + 12 * v.num_hidden_layers + 6
     assert len(tensors) == release_tensor_count(cfg)
-    model = load_model(oracle.write_release(tensors, cfg, tmp_path / "r"), compute_dtype=jnp.float32, progress=False)
+    model = load_model(
+        oracle.write_release(tensors, cfg, tmp_path / "r"), RunConfig(compute_dtype=jnp.float32), progress=False
+    )
     vis, proj = model.vision, model.projector
 
     conv = _np(tensors["vision_tower.patch_embed.proj.weight"])  # [D, 3, 14, 14]

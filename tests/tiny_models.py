@@ -6,10 +6,10 @@ import functools
 import jax.numpy as jnp
 
 from k25jax import build_model
-from k25jax.config import tiny
+from k25jax.config import RunConfig, tiny
 
 
 @functools.cache
 def tiny_float32(seed: int = 3):
-    """``build_model(tiny(), dtype=float32, seed=seed)``."""
-    return build_model(tiny(), dtype=jnp.float32, seed=seed)
+    """``build_model(tiny(), RunConfig(compute_dtype=float32), seed=seed)``."""
+    return build_model(tiny(), RunConfig(compute_dtype=jnp.float32), seed=seed)

@@ -42,13 +42,25 @@ def _type_names(types: type | tuple) -> str:
 
 
 def _parse_rope(tc: Mapping, prefix: str) -> tuple[float, YarnRope | None]:
-    """Read ``rope_theta`` and YaRN scaling from ``rope_scaling`` or ``rope_parameters`` (both shipped)."""
+    """Read ``rope_theta`` and YaRN scaling from ``rope_scaling`` (``type``; theta beside it) or
+    ``rope_parameters`` (``rope_type``, theta inside: what transformers >= 5 writes). A config holding both
+    spellings must say the same in each."""
     params = tc.get("rope_parameters")
     scaling = tc.get("rope_scaling")
     if params is not None and scaling is not None:
-        raise ConfigError(f"{prefix}: give rope as rope_scaling or rope_parameters, not both")
-    source_key = "rope_parameters" if params is not None else "rope_scaling"
-    rope = params if params is not None else scaling
+        from_params = _parse_rope_spelling(tc, params, "rope_parameters", prefix)
+        from_scaling = _parse_rope_spelling(tc, scaling, "rope_scaling", prefix)
+        if from_params != from_scaling:
+            raise ConfigError(
+                f"{prefix}: rope_scaling and rope_parameters disagree (theta, yarn): {from_scaling} vs {from_params}"
+            )
+        return from_params
+    if params is not None:
+        return _parse_rope_spelling(tc, params, "rope_parameters", prefix)
+    return _parse_rope_spelling(tc, scaling, "rope_scaling", prefix)
+
+
+def _parse_rope_spelling(tc: Mapping, rope: Any, source_key: str, prefix: str) -> tuple[float, YarnRope | None]:
     theta = tc.get("rope_theta")
     if rope is not None and not isinstance(rope, Mapping):
         raise ConfigError(f"{prefix}.{source_key} must be an object, got {rope!r}")
@@ -107,6 +119,8 @@ def _parse_quant(q: Mapping | None, prefix: str) -> QuantConfig | None:
         raise ConfigError(f"{wp}.strategy: only 'group' is supported, got {w.get('strategy')!r}")
     if w.get("actorder") not in (None, False, "static"):
         raise ConfigError(f"{wp}.actorder: activation ordering is not supported, got {w.get('actorder')!r}")
+    if q.get("kv_cache_scheme") is not None:
+        raise ConfigError(f"{prefix}.kv_cache_scheme: KV cache quantization is not supported (K2.5 has none)")
     ignore = q.get("ignore") or []
     return QuantConfig(
         num_bits=int(_get(w, "num_bits", wp)),

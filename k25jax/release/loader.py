@@ -1,15 +1,18 @@
 """Import a release directory into a k25jax model: host-side tensor by tensor, or straight onto a mesh.
 
 Every tensor in the files is used exactly once: missing, unexpected, mis-shaped or mis-typed tensors raise
-:class:`~k25jax.release.reader.ReleaseError` naming them (and their file).
+:class:`~k25jax.release.reader.ReleaseError` naming them (and their file). A float tensor stored in another float
+dtype than the release uses (a correction bias saved as BF16 by ``save_pretrained`` of a bf16 model, say) is cast
+to the release dtype as it is read: silently when the cast is exact, with one
+:class:`~k25jax.release.reader.ReleaseCastWarning` naming the rounded tensors otherwise.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections import defaultdict
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +21,18 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from k25jax.config import K25Config
+from k25jax.config import K25Config, RunConfig
 from k25jax.model import K25, abstract_model
 from k25jax.release.config import from_release_config
-from k25jax.release.keymap import Entry, release_entries
-from k25jax.release.reader import ReleaseError, ReleaseReader
+from k25jax.release.keymap import Entry, Source, release_entries
+from k25jax.release.reader import (
+    EXACT_FLOAT_CASTS,
+    FLOAT_DTYPES,
+    NUMPY_DTYPES,
+    ReleaseCastWarning,
+    ReleaseError,
+    ReleaseReader,
+)
 from k25jax.sharding import local_bytes, local_shards, state_shardings
 
 MAX_LISTED = 8
@@ -44,6 +54,7 @@ def check_tensors(reader: ReleaseReader, entries: list[Entry]) -> None:
     if unexpected:
         files = sorted({reader.tensors[n].file for n in unexpected})
         raise ReleaseError(f"{reader.path}: unexpected tensors (in {', '.join(files)}): {_listing(unexpected)}")
+    rounded = []
     for name, src in expected.items():
         info = reader.tensors[name]
         if info.shape != src.shape:
@@ -51,28 +62,43 @@ def check_tensors(reader: ReleaseReader, entries: list[Entry]) -> None:
                 f"{os.path.join(reader.path, info.file)}: tensor {name} has shape {list(info.shape)}, "
                 f"expected {list(src.shape)} from config.json"
             )
-        if info.dtype != src.dtype:
+        if info.dtype == src.dtype:
+            continue
+        if info.dtype not in FLOAT_DTYPES or src.dtype not in FLOAT_DTYPES:  # integer data never converts
             raise ReleaseError(
                 f"{os.path.join(reader.path, info.file)}: tensor {name} has dtype {info.dtype}, expected {src.dtype}"
             )
+        if (info.dtype, src.dtype) not in EXACT_FLOAT_CASTS:
+            rounded.append(f"{info.file}: tensor {name} ({info.dtype} -> {src.dtype})")
+    if rounded:
+        more = f" (and {len(rounded) - MAX_LISTED} more)" if len(rounded) > MAX_LISTED else ""
+        warnings.warn(
+            f"{reader.path}: float tensors stored in another dtype than the release uses are rounded to it on "
+            f"load: {'; '.join(sorted(rounded)[:MAX_LISTED])}{more}",
+            ReleaseCastWarning,
+            stacklevel=2,
+        )
+
+
+def as_release_dtype(array: np.ndarray, source: Source) -> np.ndarray:
+    """``array`` in the dtype the release uses for ``source`` (a float cast; :func:`check_tensors` vetted it)."""
+    want = NUMPY_DTYPES[source.dtype]
+    return array if array.dtype == want else array.astype(want)
 
 
 def load_release(
     path: str | os.PathLike,
+    run: RunConfig | None = None,
     *,
-    dtype=jnp.bfloat16,
-    param_dtype=None,
     progress: bool = True,
     config: K25Config | None = None,
-    kernels: str = "xla",
 ) -> K25:
     """Load a release directory into a ready :class:`~k25jax.model.K25` (single host, unsharded).
 
     Args:
       path: release directory (``config.json`` + safetensors shards + index).
-      dtype: compute dtype. param_dtype: parameter dtype (default: ``dtype``).
+      run: how the model runs (:class:`~k25jax.config.RunConfig`: compute / parameter dtypes, kernels, ...).
       progress: show a progress bar over bytes read.
-      kernels: the expert matmul implementation (``"xla"`` | ``"pallas"``), a run setting of the model.
 
     INT4 experts land in :class:`~k25jax.quant.Int4Weight` parameters, repacked to the device layout tensor by
     tensor (never dequantized), so host memory and device memory hold ~0.56 bytes per expert value.
@@ -83,7 +109,7 @@ def load_release(
     entries = release_entries(cfg)
     check_tensors(reader, entries)
 
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels)
+    model = abstract_model(cfg, run)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     buffers: dict[tuple[str, ...], np.ndarray] = {}
@@ -99,6 +125,7 @@ def load_release(
                 slots[t.path] = int(np.prod(var.shape[: len(t.index)], dtype=np.int64))
 
     by_source = {s.name: e for e in entries for s in e.sources}
+    sources = {s.name: s for e in entries for s in e.sources}
     pending: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
     total = sum(reader.file_bytes(f) for f in reader.files)
     with tqdm(total=total, unit="B", unit_scale=True, desc="load release", disable=not progress) as bar:
@@ -106,7 +133,7 @@ def load_release(
             for name, array in reader.iter_file(file):
                 entry = by_source[name]
                 got = pending[id(entry)]
-                got[name] = array
+                got[name] = as_release_dtype(array, sources[name])
                 if len(got) < len(entry.sources):
                     continue
                 del pending[id(entry)]
@@ -169,10 +196,10 @@ def read_region(
         trailing = [slice(a, b) for a, b in bounds[n:]]
         if entry.row_axis is not None and trailing[entry.row_axis] != slice(0, shape[n + entry.row_axis]):
             rows = bounds[n + entry.row_axis]
-            arrays = [reader.read(entry.sources[0].name, rows)]
+            arrays = [as_release_dtype(reader.read(entry.sources[0].name, rows), entry.sources[0])]
             trailing[entry.row_axis] = slice(None)
         else:
-            arrays = [reader.read(s.name) for s in entry.sources]
+            arrays = [as_release_dtype(reader.read(s.name), s) for s in entry.sources]
         try:
             value = entry.load(arrays)[pos]
         except ValueError as err:
@@ -184,11 +211,8 @@ def read_region(
 def load_release_sharded(
     path: str | os.PathLike,
     mesh: Mesh,
+    run: RunConfig | None = None,
     *,
-    strategy: str | Mapping = "inference",
-    dtype=jnp.bfloat16,
-    param_dtype=None,
-    kernels: str = "xla",
     config: K25Config | None = None,
     progress: bool = True,
 ) -> K25:
@@ -201,10 +225,10 @@ def load_release_sharded(
     path = os.fspath(path)
     cfg = config or from_release_config(path)
     entries = release_entries(cfg)
-    model = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, kernels=kernels)
+    model = abstract_model(cfg, run)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
-    shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh, strategy))}
+    shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh, model.run.sharding))}
     slots = slot_map(entries)
     unmapped = set(flat) - set(slots)
     if unmapped:

@@ -30,6 +30,11 @@ class ReleaseError(ValueError):
     """A release directory is malformed. The message names the file and tensor at fault."""
 
 
+class ReleaseCastWarning(UserWarning):
+    """A float tensor is stored in a wider (or differently rounded) float dtype than the release uses and is
+    rounded to the release dtype on load. The message names the files and tensors."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -73,6 +78,9 @@ NUMPY_DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 SAFETENSORS_DTYPES = {v: k for k, v in NUMPY_DTYPES.items()}
+FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})  # float tensors of these load into one another
+# (stored, wanted) float pairs whose values convert exactly: every other float pair rounds
+EXACT_FLOAT_CASTS = frozenset({("BF16", "F32"), ("BF16", "F64"), ("F16", "F32"), ("F16", "F64"), ("F32", "F64")})
 
 
 def read_header(path: str) -> tuple[int, dict]:

@@ -213,7 +213,6 @@ class MoonViT(nnx.Module):
         param_dtype = param_dtype or dtype
         self.cfg = cfg
         self.dtype = dtype
-        self.remat = False
         D, ps = cfg.hidden_size, cfg.patch_size
         # Conv2d(3 -> D, kernel = stride = patch) on one patch is a contraction over (channel, row, col).
         self.patch_proj = param(
@@ -247,16 +246,16 @@ class MoonViT(nnx.Module):
             positions.append(jnp.broadcast_to(pos, (t, h * w, D)).reshape(t * h * w, D))
         return x + jnp.concatenate(positions).astype(dt)
 
-    def encode(self, pixel_values: jax.Array, grid: Grid) -> jax.Array:
+    def encode(self, pixel_values: jax.Array, grid: Grid, *, remat: str = "none") -> jax.Array:
         """Embeddings, the blocks and the final LayerNorm: ``[P, D]``."""
         x = self.embed(pixel_values, grid)
         cos, sin = vision_rope(grid, self.cfg.head_dim, self.cfg.rope_theta)
         segments = segment_ids(grid)
 
-        def step(block: VisionBlock, carry: jax.Array) -> jax.Array:
+        def step(block: VisionBlock, carry: jax.Array, _index) -> jax.Array:
             return block(carry, cos, sin, segments)
 
-        x = scan_layers(self.blocks, x, step, remat=self.remat)
+        x = scan_layers(self.blocks, x, step, remat=remat)
         return self.final_norm(x)
 
     def merge(self, x: jax.Array, grid: Grid) -> jax.Array:
@@ -271,7 +270,7 @@ class MoonViT(nnx.Module):
             out.append(pooled.transpose(0, 2, 1, 3, 4).reshape((h // kh) * (w // kw), kh * kw, D).astype(x.dtype))
         return jnp.concatenate(out)
 
-    def __call__(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, grid_thw, *, remat: str = "none") -> jax.Array:
         """Encode packed media items.
 
         Args:
@@ -287,4 +286,4 @@ class MoonViT(nnx.Module):
                 f"pixel_values has shape {list(pixel_values.shape)} but grid_thw {[list(g) for g in grid]} needs "
                 f"{list(expected)} (sum of t*h*w patches of 3x{ps}x{ps} pixels)"
             )
-        return self.merge(self.encode(pixel_values, grid), grid)
+        return self.merge(self.encode(pixel_values, grid, remat=remat), grid)

@@ -192,18 +192,21 @@ def pack(items: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
 # --------------------------------------------------------------------------------------------------------
 
 
-def expand_media_pads(token_ids: Sequence[int], grid_thw, pad_id: int, merge_size: int = MERGE_SIZE) -> list[int]:
-    """Expand the i-th ``<|media_pad|>`` (``pad_id``) to the ``(h_i/2)*(w_i/2)`` tokens of media item i.
+def expand_pads(
+    token_ids: Sequence[int], counts: Sequence[int], pad_id: int, *, counts_from: str = "counts give"
+) -> list[int]:
+    """Expand the i-th ``<|media_pad|>`` (``pad_id``) of ``token_ids`` to ``counts[i]`` pads: the one expansion
+    rule for images and video chunks (the chat format's and the processor's).
 
-    ``token_ids``: one sequence with exactly one pad per media item (``IMAGE_PROMPT`` / ``video_prompt``).
-    Raises ValueError when the pads and the ``grid_thw`` rows differ in number.
+    Raises ValueError when the pads and the counts differ in number; ``counts_from`` names where the counts came
+    from in that message (``"grid_thw has"``, ``"media give"``).
     """
     ids = [int(x) for x in np.asarray(token_ids).reshape(-1)]
-    counts = tokens_for_grid(grid_thw, merge_size) if grid_thw is not None and np.size(grid_thw) else []
+    counts = [int(c) for c in counts]
     found = sum(1 for x in ids if x == pad_id)
     if found != len(counts):
         raise ValueError(
-            f"token ids hold {found} <|media_pad|> placeholders (id {pad_id}) but grid_thw has {len(counts)} media "
+            f"token ids hold {found} {MEDIA_PAD} placeholders (id {pad_id}) but {counts_from} {len(counts)} media "
             "items: give one placeholder per image or video chunk, not yet expanded"
         )
     out: list[int] = []
@@ -217,8 +220,19 @@ def expand_media_pads(token_ids: Sequence[int], grid_thw, pad_id: int, merge_siz
     return out
 
 
+def expand_media_pads(token_ids: Sequence[int], grid_thw, pad_id: int, merge_size: int = MERGE_SIZE) -> list[int]:
+    """Expand the i-th ``<|media_pad|>`` (``pad_id``) to the ``(h_i/2)*(w_i/2)`` tokens of media item i.
+
+    ``token_ids``: one sequence with exactly one pad per media item (``IMAGE_PROMPT`` / ``video_prompt``).
+    Raises ValueError when the pads and the ``grid_thw`` rows differ in number.
+    """
+    counts = tokens_for_grid(grid_thw, merge_size) if grid_thw is not None and np.size(grid_thw) else []
+    return expand_pads(token_ids, counts, pad_id, counts_from="grid_thw has")
+
+
 def format_timestamp(seconds: float) -> str:
-    """``HH:MM:SS.mmm`` (rounded to the nearest millisecond)."""
+    """``HH:MM:SS.mmm`` of a time in seconds, rounded to the nearest millisecond, halves up (the one rule for
+    video chunk timestamps; ``k25jax.chat`` uses it too)."""
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"timestamp must be a finite number of seconds >= 0, got {seconds}")
     ms = math.floor(seconds * 1000 + 0.5)  # nearest millisecond (2.3 s is 2.2999... as a float)
@@ -228,9 +242,11 @@ def format_timestamp(seconds: float) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}.{ms:03d}"
 
 
-def video_prompt(timestamps: Sequence[str]) -> str:
+def video_prompt(timestamps: Sequence[str | float]) -> str:
     """The text of a video: per chunk ``{HH:MM:SS.mmm}<|media_begin|>video<|media_content|><|media_pad|><|media_end|>``.
 
     It replaces ``VIDEO_PLACEHOLDER`` in a rendered chat; each ``<|media_pad|>`` then expands like an image's.
+    ``timestamps``: each chunk's first-frame time, as ``HH:MM:SS.mmm`` text or seconds (:func:`format_timestamp`).
     """
-    return "".join(f"{ts}<|media_begin|>video<|media_content|>{MEDIA_PAD}<|media_end|>" for ts in timestamps)
+    stamps = [ts if isinstance(ts, str) else format_timestamp(ts) for ts in timestamps]
+    return "".join(f"{ts}<|media_begin|>video<|media_content|>{MEDIA_PAD}<|media_end|>" for ts in stamps)

@@ -13,6 +13,7 @@ import pytest
 from k25jax import build_model, cli_generate, preset
 from k25jax.chat import parse_ids, prepare
 from k25jax.cli import main
+from k25jax.config import RunConfig
 from k25jax.generate import generate
 from k25jax.tokenizer import Tokenizer
 
@@ -22,12 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def tiny_pair():
     # The same model `--model tiny` builds (seed 0, float32), built once for the module.
-    return build_model(preset("tiny"), dtype=jnp.float32), Tokenizer.tiny()
+    return build_model(preset("tiny"), RunConfig(compute_dtype=jnp.float32)), Tokenizer.tiny()
 
 
 @pytest.fixture
 def cli_tiny(monkeypatch, tiny_pair):
-    monkeypatch.setattr(cli_generate, "load_model_and_tokenizer", lambda model, dtype: tiny_pair)
+    monkeypatch.setattr(cli_generate, "load_model_and_tokenizer", lambda model, run: tiny_pair)
     return tiny_pair
 
 
@@ -56,6 +57,46 @@ def test_generate_streams_the_reply(cli_tiny, capsys, thinking):
     expected, reply = expected_output(model, tok, [{"role": "user", "content": "Hello"}], thinking, 12)
     assert capsys.readouterr().out == expected
     assert len(reply.reasoning_content if thinking else reply.content) > 0
+
+
+SAMPLING_CASES = {
+    "thinking": ([], (1.0, 0.95, 0), "<think>"),
+    "no_thinking": (["--no-thinking"], (0.6, 0.95, 0), "<think></think>"),
+    "no_thinking_overridden": (
+        ["--no-thinking", "--temperature", "0.2", "--top-p", "0.5", "--top-k", "7"],
+        (0.2, 0.5, 7),
+        "<think></think>",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAMPLING_CASES))
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sampling_settings_follow_the_thinking_mode(cli_tiny, monkeypatch, capsys, command, case):
+    """``--no-thinking`` picks the model card's instant settings (temperature 0.6, top_p 0.95) for the generation
+    the command starts; thinking mode 1.0 / 0.95; explicit flags win. The stream is intercepted (nothing runs)."""
+    flags, expected, prompt_end = SAMPLING_CASES[case]
+    seen = []
+
+    def fake_stream(*args, **kw):
+        ids = args[-2] if command == "chat" else args[1][0]  # Session.stream(self, ids, media) / stream(model, [ids])
+        seen.append((ids, kw))
+        return iter([])
+
+    if command == "chat":
+        from k25jax.session import Session
+
+        monkeypatch.setattr(Session, "stream", fake_stream)
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+        argv = ["chat", "--model", "tiny"]
+    else:
+        monkeypatch.setattr(sys.modules["k25jax.generate"], "stream", fake_stream)  # the module, not the function
+        argv = ["generate", "--model", "tiny", "--prompt", "Hello"]
+    assert main(argv + flags) == 0
+    capsys.readouterr()
+    (ids, kw), tok = seen[0], cli_tiny[1]
+    assert len(seen) == 1 and (kw["temperature"], kw["top_p"], kw["top_k"]) == expected
+    assert tok.decode(ids).endswith("<|im_assistant|>assistant<|im_middle|>" + prompt_end)
 
 
 def test_chat_keeps_history_and_resets(cli_tiny, capsys, monkeypatch):
@@ -104,8 +145,8 @@ def test_bad_images_are_named(cli_tiny, tmp_path):
 
 
 def test_image_needs_a_vision_tower(monkeypatch, tmp_path):
-    text_only = build_model(dataclasses.replace(preset("tiny"), vision=None), dtype=jnp.float32)
-    monkeypatch.setattr(cli_generate, "load_model_and_tokenizer", lambda model, dtype: (text_only, Tokenizer.tiny()))
+    text_only = build_model(dataclasses.replace(preset("tiny"), vision=None), RunConfig(compute_dtype=jnp.float32))
+    monkeypatch.setattr(cli_generate, "load_model_and_tokenizer", lambda model, run: (text_only, Tokenizer.tiny()))
     image = _write_image(tmp_path / "a.png", 28, 28, 0)
     with pytest.raises(SystemExit, match="k25jax generate: this model has no vision tower"):
         main(["generate", "--prompt", "x", "--image", image])
@@ -190,7 +231,7 @@ def test_bad_mesh_is_named(cli_tiny):
 
 def test_release_dir_without_tokenizer_is_named(tmp_path):
     with pytest.raises(SystemExit, match=f"{tmp_path}: no tiktoken.model"):
-        cli_generate.load_model_and_tokenizer(str(tmp_path), None)
+        cli_generate.load_model_and_tokenizer(str(tmp_path), cli_generate.run_config(str(tmp_path), None))
 
 
 def test_generate_from_a_release_directory(tmp_path, capsys):
@@ -208,7 +249,7 @@ def test_generate_from_a_release_directory(tmp_path, capsys):
     shutil.copy(os.path.join(ROOT, "k25jax", "assets", "tiny_tiktoken.model"), os.path.join(path, "tiktoken.model"))
     argv = ["generate", "--model", path, "--prompt", "Hi", "--max-new-tokens", "8", "--temperature", "0"]
     assert main(argv + ["--dtype", "float32", "--no-thinking"]) == 0
-    model, tok = cli_generate.load_model_and_tokenizer(path, "float32")
+    model, tok = cli_generate.load_model_and_tokenizer(path, cli_generate.run_config(path, "float32"))
     expected, _ = expected_output(model, tok, [{"role": "user", "content": "Hi"}], False, 8)
     assert capsys.readouterr().out == expected
     # --mesh with a model directory: the weights load straight onto the mesh (expert=8 on the 8 fake devices)
@@ -216,7 +257,7 @@ def test_generate_from_a_release_directory(tmp_path, capsys):
     assert capsys.readouterr().out == expected
     write_tiktoken_ranks({bytes([i]): i for i in range(256)}, os.path.join(path, "tiktoken.model"))
     with pytest.raises(SystemExit, match="vocabulary of 512 ids but config.json's text_config.vocab_size is 1280"):
-        cli_generate.load_model_and_tokenizer(path, "float32")
+        cli_generate.load_model_and_tokenizer(path, cli_generate.run_config(path, "float32"))
 
 
 def test_chat_reads_piped_stdin():

@@ -15,19 +15,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from k25jax import cli_generate  # noqa: E402
 from k25jax.cli import main  # noqa: E402
-from k25jax.config import tiny  # noqa: E402
+from k25jax.config import RunConfig, tiny  # noqa: E402
 
 from configs import text_variant  # noqa: E402
 
 
-def load_variant(model: str, dtype: str | None):
+def load_variant(model: str, run=None):
     """What ``load_model_and_tokenizer`` returns for ``tiny``, with expert width 64 (built after multi-host start)."""
     import jax.numpy as jnp
 
     from k25jax import build_model
     from k25jax.tokenizer import Tokenizer
 
-    return build_model(text_variant(tiny(), moe_intermediate_size=64), dtype=jnp.float32), Tokenizer.tiny()
+    return build_model(
+        text_variant(tiny(), moe_intermediate_size=64), RunConfig(compute_dtype=jnp.float32)
+    ), Tokenizer.tiny()
 
 
 cli_generate.load_model_and_tokenizer = load_variant

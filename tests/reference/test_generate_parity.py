@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from k25jax import load_model
+from k25jax.config import RunConfig
 from k25jax.generate import generate
 
 import configs
@@ -29,7 +30,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     hf.generation_config.eos_token_id = None
     text_only = dataclasses.replace(cfg, vision=None)
     path = oracle.write_release(oracle.text_param_tree(hf, cfg), text_only, tmp_path / "release", num_shards=2)
-    model = load_model(path, compute_dtype=jnp.float32, progress=False)
+    model = load_model(path, RunConfig(compute_dtype=jnp.float32), progress=False)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, 1024, n).tolist() for n in (11, 4, 23)]
     expected = [_hf_greedy_media(hf, p, None, NEW_TOKENS) for p in prompts]
@@ -79,7 +80,7 @@ def test_greedy_generation_with_images_matches_transformers(tmp_path):
     hf = oracle.make_hf_kimi_model(cfg, seed=5)
     hf.generation_config.eos_token_id = None
     path = oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp_path / "release", num_shards=2)
-    model = load_model(path, compute_dtype=jnp.float32, progress=False)
+    model = load_model(path, RunConfig(compute_dtype=jnp.float32), progress=False)
     tok = Tokenizer.tiny()
     rng = np.random.default_rng(3)
 
@@ -134,7 +135,7 @@ def test_greedy_generation_with_video_matches_transformers(tmp_path):
     hf = oracle.make_hf_kimi_model(cfg, seed=6)
     hf.generation_config.eos_token_id = None
     path = oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp_path / "release", num_shards=2)
-    model = load_model(path, compute_dtype=jnp.float32, progress=False)
+    model = load_model(path, RunConfig(compute_dtype=jnp.float32), progress=False)
     rng = np.random.default_rng(4)
     frames = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)) for _ in range(6)]
     video = {"type": "video", "video": frames, "timestamps": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]}

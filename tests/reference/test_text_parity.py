@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from k25jax import load_model
+from k25jax.config import RunConfig
 
 import configs
 import oracle
@@ -34,7 +35,7 @@ def test_deepseek_v3_parity(name, tmp_path):
     cfg = dataclasses.replace(cfg, vision=None, layout="deepseek_v3")
     hf = oracle.make_hf_text_model(cfg, seed=1)
     path = oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp_path / "release", num_shards=2)
-    model = load_model(path, compute_dtype=jnp.float32, progress=False)
+    model = load_model(path, RunConfig(compute_dtype=jnp.float32), progress=False)
     # Longer than every config's original_max_position_embeddings, so YaRN's extrapolated range is exercised.
     ids = _ids(cfg, batch=2, length=80)
     rel = _check(np.asarray(model(jnp.asarray(ids))), oracle.torch_logits(hf, ids))
@@ -46,7 +47,7 @@ def test_kimi_k25_text_path_parity(tmp_path):
     hf = oracle.make_hf_kimi_model(cfg, seed=2)
     text_only = dataclasses.replace(cfg, vision=None)
     path = oracle.write_release(oracle.text_param_tree(hf, cfg), text_only, tmp_path / "release", num_shards=3)
-    model = load_model(path, compute_dtype=jnp.float32, progress=False)
+    model = load_model(path, RunConfig(compute_dtype=jnp.float32), progress=False)
     ids = _ids(cfg, batch=1, length=70, seed=3)
     rel = _check(np.asarray(model(jnp.asarray(ids))), oracle.torch_logits(hf, ids))
     print(f"relative max error {rel:.2e}")
@@ -56,7 +57,7 @@ def test_unquantized_experts_parity(tmp_path):
     cfg = dataclasses.replace(configs.deep_dense(), vision=None, quantization=None)
     hf = oracle.make_hf_text_model(cfg, seed=4)
     path = oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp_path / "release", num_shards=2)
-    model = load_model(path, compute_dtype=jnp.float32, progress=False)
+    model = load_model(path, RunConfig(compute_dtype=jnp.float32), progress=False)
     ids = _ids(cfg, batch=2, length=24, seed=5)
     rel = _check(np.asarray(model(jnp.asarray(ids))), oracle.torch_logits(hf, ids))
     print(f"relative max error {rel:.2e}")
@@ -70,7 +71,7 @@ def test_pallas_kernels_parity(kernels, name, tmp_path):
     cfg = dataclasses.replace(configs.ALL[name](), vision=None, layout="deepseek_v3")
     hf = oracle.make_hf_text_model(cfg, seed=6)
     path = oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp_path / "release", num_shards=2)
-    model = load_model(path, compute_dtype=jnp.float32, progress=False, kernels=kernels)
+    model = load_model(path, RunConfig(compute_dtype=jnp.float32, kernels=kernels), progress=False)
     ids = _ids(cfg, batch=2, length=40, seed=7)
     rel = _check(np.asarray(model(jnp.asarray(ids))), oracle.torch_logits(hf, ids))
     print(f"relative max error {rel:.2e}")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from k25jax import load_model
-from k25jax.config import tiny
+from k25jax.config import RunConfig, tiny
 from k25jax.vision import expand_media_pads, pack, preprocess_image, preprocess_video, tokens_for_grid
 
 import oracle
@@ -31,7 +31,7 @@ def pair(tmp_path_factory):
     cfg = tiny()
     hf = oracle.make_hf_kimi_model(cfg, seed=11)
     path = oracle.write_release(oracle.release_tensors(hf, cfg), cfg, tmp_path_factory.mktemp("release"), num_shards=3)
-    return cfg, hf, load_model(path, compute_dtype=jnp.float32, progress=False)
+    return cfg, hf, load_model(path, RunConfig(compute_dtype=jnp.float32), progress=False)
 
 
 def _image(width, height, seed):

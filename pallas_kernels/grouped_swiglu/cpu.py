@@ -1,0 +1,84 @@
+"""Two CPU strategies for the grouped SwiGLU. XLA:CPU's ``ragged_dot`` is a masked dense matmul over every expert
+(``E`` times the work, plus a transposed copy of the weights), so on CPU:
+
+- :func:`tiled` (many rows, prefill): a scan over the visits of :func:`pallas_kernels.int4_gmm.schedule.visit_schedule`
+  (each visit is one row tile times one expert that has rows in it): about ``M / TILE_ROWS + E`` small matmuls, and
+  experts with no rows are never read (nor dequantized).
+- :func:`per_row` (few rows, decode): a scan over the rows, each through its own expert: only the chosen experts'
+  weights are read, one expert in flight at a time, so no ``[rows, D, F]`` copy of the weights is ever formed.
+
+Both compute each row exactly as :func:`pallas_kernels.grouped_swiglu.reference.grouped_swiglu` does (float32
+accumulation, the hidden activation cast to the compute dtype) and take a layer-stacked weight ``[L, E, in, out]``
+with ``layer``: then each step reads ``[layer, expert]`` only, never a copy of a whole layer's experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.int4_gmm.schedule import visit_schedule
+
+TILE_ROWS = 32  # rows per tile of :func:`tiled`
+
+
+def expert_weight(weight, expert: jax.Array, layer: jax.Array | None, dtype) -> jax.Array:
+    """One expert's ``[in, out]`` in ``dtype`` (only that expert is read). A value type other than a plain array
+    indexes its leading axes and has ``dequantize(dtype)``."""
+    w = weight[expert] if layer is None else weight[layer, expert]
+    dequantize = getattr(w, "dequantize", None)
+    return (dequantize(dtype) if dequantize is not None else w).astype(dtype)
+
+
+def swiglu_one(x: jax.Array, expert: jax.Array, gate, up, down, layer, dtype) -> jax.Array:
+    """SwiGLU of ``x [..., D]`` (compute dtype) through one ``expert`` -> float32."""
+
+    def mm(a, w):
+        return jnp.dot(a, expert_weight(w, expert, layer, dtype), preferred_element_type=jnp.float32)
+
+    hidden = (jax.nn.silu(mm(x, gate)) * mm(x, up)).astype(dtype)
+    return mm(hidden, down)
+
+
+def tiled(rows, group_sizes, gate, up, down, *, dtype, layer=None, tile: int = TILE_ROWS) -> jax.Array:
+    """The grouped SwiGLU as a scan over (row tile, expert) visits -> ``[M, D]`` float32."""
+    m, d = rows.shape
+    schedule = visit_schedule(group_sizes, m, tile)
+    x_padded = jnp.pad(rows.astype(dtype), ((0, tile), (0, 0)))
+    offsets = jnp.arange(tile, dtype=jnp.int32)
+
+    def compute(out, expert, r0, lo, hi):
+        y = swiglu_one(jax.lax.dynamic_slice_in_dim(x_padded, r0, tile), expert, gate, up, down, layer, dtype)
+        current = jax.lax.dynamic_slice_in_dim(out, r0, tile)
+        mine = ((r0 + offsets >= lo) & (r0 + offsets < hi))[:, None]  # the tile's other rows belong to other visits
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, current), r0, 0)
+
+    def body(out, visit):
+        expert, tile_id, lo, hi = visit
+        r0 = tile_id * tile
+        return jax.lax.cond(hi > lo, compute, lambda out, *_: out, out, expert, r0, lo, hi), None
+
+    visits = (schedule.group_ids, schedule.tile_ids, schedule.lo, schedule.hi)
+    out, _ = jax.lax.scan(body, jnp.zeros((m + tile, d), jnp.float32), visits)
+    return out[:m]
+
+
+def per_row(rows, group_sizes, gate, up, down, *, dtype, layer=None) -> jax.Array:
+    """The grouped SwiGLU one row at a time (a scan) -> ``[M, D]`` float32; rows past ``sum(group_sizes)`` are
+    zero and cost no matmul."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    index = jnp.arange(rows.shape[0], dtype=jnp.int32)
+    experts = jnp.minimum(jnp.searchsorted(ends, index, side="right"), group_sizes.shape[0] - 1).astype(jnp.int32)
+    valid = index < ends[-1]
+
+    def one(_, row):
+        x, expert, ok = row
+        y = jax.lax.cond(
+            ok,
+            lambda: swiglu_one(x, expert, gate, up, down, layer, dtype),
+            lambda: jnp.zeros((rows.shape[1],), jnp.float32),
+        )
+        return None, y
+
+    _, out = jax.lax.scan(one, None, (rows.astype(dtype), experts, valid))
+    return out
