@@ -2,7 +2,7 @@
 
 from k25jax.cache import LatentCache
 from k25jax.checkpoint import load_model
-from k25jax.config import ConfigError, K25Config, TextConfig, VisionConfig, preset
+from k25jax.config import ConfigError, K25Config, RunConfig, TextConfig, VisionConfig, preset
 from k25jax.generate import generate, stream
 from k25jax.model import K25, abstract_model, build_model, count_params
 from k25jax.release.config import from_release_config
@@ -14,6 +14,7 @@ __all__ = [
     "K25",
     "K25Config",
     "LatentCache",
+    "RunConfig",
     "TextConfig",
     "Tokenizer",
     "VisionConfig",

@@ -192,29 +192,67 @@ def render(
     A ``reasoning_content`` of None renders as the text ``None`` (as the template does); an absent one as
     nothing.
     """
+    spans = render_spans(messages, tools=tools, thinking=thinking, add_generation_prompt=add_generation_prompt)
+    return "".join(span.text for span in spans)
+
+
+class Span(NamedTuple):
+    """A piece of rendered text: ``generated`` where the assistant writes it (what a model emits after the
+    generation prompt), False for scaffolding (headers, ``<think>`` the prompt opens, other roles' turns)."""
+
+    text: str
+    generated: bool
+
+
+def render_spans(
+    messages: Sequence[Mapping],
+    *,
+    tools: Sequence[Mapping] | None = None,
+    thinking: bool = True,
+    add_generation_prompt: bool = True,
+    for_training: bool = False,
+) -> list[Span]:
+    """:func:`render` cut into spans that say which text the assistant generates; their texts joined are
+    :func:`render`'s string (``for_training=False``).
+
+    Per assistant message the generated span is what a model emits after the generation prompt: with the
+    reasoning kept, ``{reasoning}</think>{content}{tool calls}<|im_end|>`` (the prompt opened ``<think>``); as
+    history or with thinking off, ``{content}{tool calls}<|im_end|>`` (``<think></think>`` is scaffolding, so no
+    turn teaches closing a thought that was never written). Every span boundary sits beside a special token, so
+    tokenizing span by span gives the ids of tokenizing the whole string.
+
+    ``for_training``: render the last assistant message as generated rather than as history: history ends at the
+    last assistant message without tool calls *before* it, so that message keeps its reasoning (with thinking
+    on) and the text up to its generated span is exactly the prompt :func:`render` gives for the messages
+    before it. Without it, a sample ending in a final answer would render that answer as history (reasoning
+    dropped, chat-format.md section 1).
+    """
     _validate(messages)
-    out = []
+    out: list[Span] = []
     if tools:
-        out.append(f"<|im_system|>tool_declare<|im_middle|>{tool_declaration(tools)}{IM_END}")
-    history_end = max((i for i, m in enumerate(messages) if _is_final_answer(m)), default=-1)
+        out.append(Span(f"<|im_system|>tool_declare<|im_middle|>{tool_declaration(tools)}{IM_END}", False))
+    end = len(messages)  # history is decided among messages[:end]
+    if for_training:
+        end = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=end)
+    history_end = max((i for i, m in enumerate(messages[:end]) if _is_final_answer(m)), default=-1)
     for i, m in enumerate(messages):
         role = m["role"]
         label = m.get("name") or role
         header = f"{HEADERS.get(role, '<|im_system|>')}{label}<|im_middle|>"
         if role == "assistant":
+            reply = _body(m.get("content"), i) + _tool_calls_text(m.get("tool_calls"), i) + IM_END
             if i <= history_end or not thinking:
-                body = THINK + END_THINK
+                out += [Span(header + THINK + END_THINK, False), Span(reply, True)]
             else:
-                body = THINK + _reasoning_text(m) + END_THINK
-            body += _body(m.get("content"), i) + _tool_calls_text(m.get("tool_calls"), i)
+                out += [Span(header + THINK, False), Span(_reasoning_text(m) + END_THINK + reply, True)]
         elif role == "tool":
             body = f"## Return of {m.get('tool_call_id', '')}\n" + _body(m.get("content"), i)
+            out.append(Span(header + body + IM_END, False))
         else:
-            body = _body(m.get("content"), i)
-        out.append(header + body + IM_END)
+            out.append(Span(header + _body(m.get("content"), i) + IM_END, False))
     if add_generation_prompt:
-        out.append("<|im_assistant|>assistant<|im_middle|>" + (THINK if thinking else THINK + END_THINK))
-    return "".join(out)
+        out.append(Span("<|im_assistant|>assistant<|im_middle|>" + (THINK if thinking else THINK + END_THINK), False))
+    return out
 
 
 def _is_final_answer(m: Mapping) -> bool:
@@ -378,6 +416,39 @@ def encode(
         return expand_pads(ids, pad_counts, tokenizer.token_id(MEDIA_PAD), counts_from="media give")
     except ValueError as err:  # e.g. a <|media_pad|> written in message text
         raise ChatFormatError(f"the prompt {err}") from None
+
+
+class TrainingTokens(NamedTuple):
+    """A rendered conversation for training: token ids and, per token, 1 where the assistant generates it."""
+
+    ids: list[int]
+    generated: list[int]
+
+
+def encode_for_training(
+    messages: Sequence[Mapping],
+    tokenizer,
+    *,
+    tools: Sequence[Mapping] | None = None,
+    thinking: bool = True,
+) -> TrainingTokens:
+    """Token ids of a whole conversation (no generation prompt, :func:`render_spans` with ``for_training``) with
+    each token's ownership: 1 on the tokens the assistant generates (its reasoning and ``</think>`` where kept,
+    content, tool-call markers and arguments, ``<|im_end|>``), 0 on headers, ``<think>`` and other roles' turns.
+
+    The ids are those of ``tokenizer.encode`` of the joined text (span boundaries sit beside special tokens).
+    Media parts are refused: their placeholders would need expanding with preprocessed grids.
+    """
+    for what, part in media_parts_of(messages):
+        if part.get("type") in ("image", "image_url", "video", "video_url"):
+            raise ChatFormatError(f"{what}: {part['type']} parts are not supported in training conversations yet")
+    ids: list[int] = []
+    generated: list[int] = []
+    for span in render_spans(messages, tools=tools, thinking=thinking, add_generation_prompt=False, for_training=True):
+        piece = tokenizer.encode(span.text)
+        ids += piece
+        generated += [int(span.generated)] * len(piece)
+    return TrainingTokens(ids, generated)
 
 
 def media_parts_of(messages: Sequence[Mapping]) -> list[tuple[str, Mapping]]:

@@ -150,12 +150,14 @@ class TextModel(nnx.Module):
         *,
         form: str = "full",
         key_valid: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, LatentCache | None]:
         """The decoder layers and the final norm over embeddings ``h [B, T, D]`` at ``positions [B, T]``.
 
         Without ``cache``: attention among these tokens (causal, and only over keys with ``key_valid [B, T]``
-        when given). With ``cache``: the tokens' latents are written into slots ``positions`` first, then
-        ``form="full"`` attends among the new tokens only (prefill: valid when the cache holds nothing before
+        when given, and only within a query's own segment with ``segment_ids [B, T]``: packed training rows,
+        whose positions restart per segment). With ``cache``: the tokens' latents are written into slots
+        ``positions`` first, then ``form="full"`` attends among the new tokens only (prefill: valid when the cache holds nothing before
         them; right padding needs no mask, a real query never sees a later padded key) and ``form="absorbed"``
         over every cache slot up to each query's position (decode, continuation). Returns the final-normed hidden
         ``[B, T, D]`` and the cache with its new latents (``lengths`` untouched: callers set them), or None.
@@ -165,6 +167,8 @@ class TextModel(nnx.Module):
             mask = kv_cache.slot_mask(positions, cache.max_len)
         else:
             mask = causal_mask(positions, positions, key_valid if cache is None else None)
+            if segment_ids is not None:
+                mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         pos = Positions(positions, cos, sin, mask)
         if cache is None:
             for stack in self.stacks().values():
@@ -193,6 +197,7 @@ class TextModel(nnx.Module):
         positions: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Logits for a batch of token ids.
 
@@ -201,6 +206,7 @@ class TextModel(nnx.Module):
           positions: ``[B, T]`` positions (default ``0..T-1``).
           inputs_embeds: optional ``[B, T, D]`` embeddings replacing the lookup (multimodal merge).
           attention_mask: optional ``[B, T]`` with 1 for real tokens, 0 for padding keys.
+          segment_ids: optional ``[B, T]`` packed-sample ids: attention stays within a segment.
         Returns: float32 logits ``[B, T, V]``.
         """
         B, T = input_ids.shape
@@ -208,4 +214,4 @@ class TextModel(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         valid = None if attention_mask is None else attention_mask.astype(bool)
-        return self.logits(self.forward(h, positions, key_valid=valid)[0])
+        return self.logits(self.forward(h, positions, key_valid=valid, segment_ids=segment_ids)[0])

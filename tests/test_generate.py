@@ -1,14 +1,13 @@
-"""Latent cache and generation: prefill + absorbed decode against full-sequence logits, batching, sampling."""
+"""Generation: prefill + absorbed decode against full-sequence logits, batching, sampling (the cache itself:
+``test_cache.py``)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k25jax.cache import LatentCache, values_per_token
-from k25jax.config import k25, tiny
+from k25jax.cache import LatentCache
 from k25jax.generate import extend, generate, prefill, sample, stream
-from k25jax.sharding import LOGICAL_AXES
 
 import tiny_models
 
@@ -22,24 +21,6 @@ def model():
 
 def _rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
-def test_cache_size_per_token():
-    # K2.5: 61 layers x (512 + 64) values per token, the 256K-token cache sized abstractly (no memory).
-    cfg = k25().text
-    cache = LatentCache.abstract(cfg, batch=1, max_len=262144, dtype=jnp.bfloat16)
-    assert cfg.latent_cache_dim == 576
-    assert cache.stacks["dense_layers"].shape == (1, 1, 262144, 576)
-    assert cache.stacks["moe_layers"].shape == (60, 1, 262144, 576)
-    assert cache.values_per_token() == values_per_token(cfg) == 61 * 576
-    assert cache.bytes_per_token() == 61 * 576 * 2  # 70,272 bytes per token in bf16
-    expanded = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    assert expanded == 20480 and round(expanded / 576, 1) == 35.6
-    assert cache.nbytes() == 61 * 576 * 2 * 262144  # 18.4 GB for one 256K-token sequence
-    # The tiny config: 3 layers x (32 + 8).
-    small = LatentCache.zeros(tiny().text, batch=2, max_len=16, dtype=jnp.float32)
-    assert small.values_per_token() == 3 * 40 and small.bytes_per_token() == 480
-    assert all(a in LOGICAL_AXES for a in LatentCache.axes) and len(LatentCache.axes) == 4
 
 
 def test_prefill_then_decode_matches_full_logits(model):

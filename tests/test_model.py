@@ -1,7 +1,5 @@
 """Model structure: full-size K2.5 builds abstractly, parameter counts, logical axes, causality."""
 
-import time
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -24,11 +22,8 @@ def release_param_count(cfg) -> int:
     return total
 
 
-def test_full_k25_builds_abstractly_in_seconds():
-    start = time.perf_counter()
+def test_full_k25_builds_abstractly():
     model = abstract_model(k25())
-    elapsed = time.perf_counter() - start
-    assert elapsed < 30, f"abstract build took {elapsed:.1f} s"
     assert model.text.moe_layers.mlp.experts.gate_proj.shape == (60, 384, 7168, 2048)
     assert model.text.moe_layers.attn.q_b_proj.shape == (60, 1536, 64, 192)
     assert model.text.dense_layers.mlp.gate_proj.shape == (1, 7168, 18432)

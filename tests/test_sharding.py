@@ -33,6 +33,7 @@ from configs import text_variant
 generation = importlib.import_module("k25jax.generate")  # the module (k25jax.generate is also the function)
 
 REL = 1e-5  # max |sharded - single| <= REL * max |single| (float32)
+ZERO_GRAD_ATOL = 1e-9  # a gradient that is exactly zero on one device: |sharded| <= this (float32, absolute)
 MESHES = {
     "expert8": dict(expert=8),
     "expert4_tensor2": dict(expert=4, tensor=2),
@@ -128,11 +129,15 @@ def test_each_device_holds_only_its_experts(model, name):
 
 
 def _expert_slices(model):
-    """(dtype name, elements of one expert's slice) of every INT4 expert leaf of ``model``."""
+    """(dtype name, elements of one expert's slice) of every INT4 expert leaf of ``model``, and of the float32 form
+    of one expert's weight (what the XLA path dequantizes to, in this float32 model: 8 values per packed word)."""
     out = []
     for _, var in nnx.to_flat_state(nnx.state(model)):
         if isinstance(var, Int4Packed | Int4Scales) and var.shape[1] == 8:
-            out.append((str(jnp.dtype(var.dtype)), var.size // (var.shape[0] * var.shape[1])))
+            per_expert = var.size // (var.shape[0] * var.shape[1])
+            out.append((str(jnp.dtype(var.dtype)), per_expert))
+            if isinstance(var, Int4Packed):
+                out.append(("float32", 8 * per_expert))
     return out
 
 
@@ -170,9 +175,12 @@ def test_no_collective_moves_expert_weights(model, inputs, monkeypatch):
     # weights, so the check above can fail.
     monkeypatch.setattr("k25jax.moe.expert_layout", lambda *a: None)
     jax.clear_caches()
-    control = _weight_sized(collectives(_hlo(placed, mesh, ids, steps)), slices)
+    control_ops = collectives(_hlo(placed, mesh, ids, steps))
     jax.clear_caches()
-    assert control, "the control program should gather expert weights"
+    assert _weight_sized(control_ops, slices), "the control program should gather expert weights"
+    # float32 counts too: the control also moves one expert's weight as float32 values (dequantized), which a
+    # check of the int32 words and bf16 scales alone would not see.
+    assert _weight_sized(control_ops, [s for s in slices if s[0] == "float32"])
 
 
 def test_expert_layout_paths_and_errors():
@@ -208,6 +216,23 @@ def test_plan_bytes_equal_real_buffers(model):
                 cache_held[shard.device] += shard.data.nbytes
         planned_cache = cache_bytes(LatentCache.abstract(cfg.text, batch, 32, jnp.bfloat16), abstract_mesh(**sizes))
         assert set(cache_held.values()) == {planned_cache}, (sizes, set(cache_held.values()), planned_cache)
+
+
+def test_plan_that_does_not_fit_says_so():
+    """K2.5 on 8 v5e chips (16 GB each): the routed experts alone (71 GB per chip) exceed the usable HBM."""
+    cfg = k25()
+    small = plan(cfg, {"expert": 8}, batch=8, context=32768, device="v5e")
+    usable = 16e9 * 0.95
+    assert small.usable == usable and small.params["routed experts"] > usable
+    total = sum(small.params.values()) + small.cache + sum(small.activations.values())
+    assert small.total == total and total > usable
+    assert small.fits is False
+    report = small.report()
+    assert f"does NOT fit ({(usable - total) / 1e9:+.2f} GB headroom)" in report and " fits " not in report
+    # the same layout on H200 (141 GB) fits, with the same parameter bytes: the verdict follows the numbers
+    big = plan(cfg, {"expert": 8}, batch=8, context=32768, device="h200")
+    assert big.params == small.params and big.total <= big.usable and big.fits is True
+    assert f"fits ({(big.usable - big.total) / 1e9:+.2f} GB headroom)" in big.report()
 
 
 def test_plan_full_k25_arithmetic():
@@ -257,13 +282,59 @@ def test_fsdp_training_gradients_match_single_device(model, inputs):
     assert tuple(placed.text.moe_layers.attn.q_a_proj.get_value().sharding.spec) == (None, "fsdp", None)
     with use_mesh(mesh):
         got = dict(nnx.to_flat_state(grad(placed, ids)))
-    errors = {p: _rel(got[p].get_value(), v.get_value()) for p, v in ref if np.abs(np.asarray(v.get_value())).max()}
+    ref = dict(ref)
+    assert got.keys() == ref.keys()
+    errors, zero = {}, {}
+    for p, v in ref.items():
+        want, have = np.asarray(v.get_value()), np.asarray(got[p].get_value())
+        assert have.shape == want.shape and have.dtype == want.dtype, p
+        scale = np.abs(want).max()
+        if scale:
+            errors[p] = float(np.abs(have - want).max() / scale)
+        else:  # a zero reference gradient (the vision tower, unused here): the sharded one must be zero too
+            zero[p] = float(np.abs(have).max())
     # Gradients that cross the expert-parallel shard_map: the router (replicated in, per-token use) and the
     # attention feeding the MoE tokens.
     assert ("text", "moe_layers", "mlp", "router") in errors and ("text", "moe_layers", "attn", "q_b_proj") in errors
     worst = max(errors, key=errors.get)
-    print(f"FSDP gradients: {len(errors)} arrays, worst relative error {errors[worst]:.1e} at {worst}")
+    print(
+        f"FSDP gradients: {len(errors)} arrays, worst relative error {errors[worst]:.1e} at {worst}; "
+        f"{len(zero)} zero reference arrays, largest sharded value {max(zero.values(), default=0.0):.1e}"
+    )
     assert errors[worst] <= REL
+    assert zero and max(zero.values()) <= ZERO_GRAD_ATOL
+
+
+@pytest.fixture(scope="module")
+def biased_model():
+    """The test model with a non-zero router correction bias (``build_model`` starts it at zero)."""
+    biased = build_model(variant(), RunConfig(compute_dtype=jnp.float32), seed=1)
+    bias = biased.text.moe_layers.mlp.correction_bias
+    values = np.random.default_rng(5).standard_normal(bias.shape).astype(np.float32) * 0.1  # [L, E]
+    bias.set_value(jnp.asarray(values))
+    return biased
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_biased_routing_on_the_mesh_matches_single_device(model, biased_model, inputs, reference, name):
+    """A non-zero correction bias (selection only) changes which experts are chosen, and the expert-parallel path
+    on the mesh chooses the same ones: logits equal the single-device logits of the biased model."""
+    ids = jnp.asarray(inputs[0])
+    forward = nnx.jit(lambda m, x: m(x))
+    single = np.asarray(forward(biased_model, ids))
+    # The bias only selects experts, so different logits mean different experts chosen, here far beyond REL:
+    # a mesh path that dropped the bias would give the zero-bias logits and fail below.
+    changed = _rel(single, reference[0])
+    assert changed > 1e3 * REL, changed
+    mesh = make_mesh(**MESHES[name])
+    placed = shard_model(biased_model, mesh)
+    bias = placed.text.moe_layers.mlp.correction_bias.get_value()
+    np.testing.assert_array_equal(np.asarray(bias), np.asarray(biased_model.text.moe_layers.mlp.correction_bias[...]))
+    with use_mesh(mesh):
+        sharded = np.asarray(forward(placed, ids))
+    error = _rel(sharded, single)
+    print(f"{name}: biased routing, logits moved {changed:.1e} by the bias, sharded vs single {error:.1e}")
+    assert error <= REL
 
 
 def test_vision_runs_on_the_mesh(model):

@@ -60,11 +60,25 @@ def test_generate_on_a_mesh_in_a_subprocess(expected):
     assert len(expected.split("\n", 1)[1].strip()) > 0  # the reply is not empty
 
 
-def test_generate_on_two_hosts(expected):
-    """Two processes of 4 CPU devices each, joined by jax.distributed: one 8-device mesh; process 0 prints."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+# The coordinator (process 0) could not bind its port: another program took it between our probe and its bind.
+BIND_FAILED = "Failed to start RPC server"
+PORT_ATTEMPTS = 3
+
+
+def _free_port() -> int:
+    """A port free right now (the coordinator binds it on all interfaces, so probe those: IPv6, else IPv4)."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            with socket.socket(family) as s:
+                s.bind((host, 0))
+                return s.getsockname()[1]
+        except OSError:
+            continue
+    raise OSError("no free port to probe on this host")
+
+
+def _run_two_hosts(port: int) -> list[tuple[subprocess.Popen, str, str]]:
+    """Both processes on coordinator port ``port``; process 1 is killed if the coordinator fails to start."""
     procs = [
         subprocess.Popen(
             _cli(["--mesh", "expert=4,tensor=2", "--coordinator", f"localhost:{port}", "--num-processes", "2"])
@@ -77,11 +91,33 @@ def test_generate_on_two_hosts(expected):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
+    try:
+        outs = [procs[0].communicate(timeout=600)]
+        if procs[0].returncode != 0:  # no coordinator: process 1 would wait for it until its own timeout
+            procs[1].kill()
+        outs.append(procs[1].communicate(timeout=600))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
+def test_generate_on_two_hosts(expected):
+    """Two processes of 4 CPU devices each, joined by jax.distributed: one 8-device mesh; process 0 prints.
+
+    The coordinator port is probed free, then bound by process 0 a few seconds later; if something took it in
+    between (the coordinator says so and exits), the run is retried on a new port, up to PORT_ATTEMPTS times."""
+    for _ in range(PORT_ATTEMPTS):
+        runs = _run_two_hosts(_free_port())
+        if runs[0][0].returncode != 0 and BIND_FAILED in runs[0][2]:
+            continue
+        break
+    for p, _, err in runs:
         assert p.returncode == 0, err[-3000:]
-    assert outs[0][0] == expected
-    assert outs[1][0] == ""
+    assert runs[0][1] == expected
+    assert runs[1][1] == ""
 
 
 def test_mesh_that_cannot_split_the_model_says_why(monkeypatch):

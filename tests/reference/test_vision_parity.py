@@ -23,7 +23,7 @@ import oracle
 
 pytestmark = pytest.mark.reference
 
-TOL = 1e-4  # max |diff| <= TOL * max |logits|
+TOL = 1e-5  # max |diff| <= TOL * max |logits| (float32; measured worst ~1e-6)
 
 
 @pytest.fixture(scope="module")

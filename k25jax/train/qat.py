@@ -1,0 +1,156 @@
+"""Preparing a model for INT4 QAT and back: routed experts to fake-quant weights, trainable subsets, export.
+
+:func:`to_fake_quant` replaces the routed experts chosen by a path pattern with
+:class:`~k25jax.train.fakequant.FakeQuantWeight` (masters: the exact dequantization of the INT4 values, in
+float32 or bf16; scales: the checkpoint's). Experts not chosen stay :class:`~k25jax.quant.Int4Weight`, packed, with
+no float copy. :func:`trainable_filter` selects the parameters the optimizer updates (by path pattern); frozen
+INT4 words, scales and the router's correction bias are never among them. :func:`to_int4` turns the fake-quant
+weights back into INT4 ones (``q`` and the scales the forward used), which the release exporter writes as is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+from flax import nnx
+
+from k25jax.moe import Experts
+from k25jax.quant import Int4Array, Int4Packed, Int4Scales, Int4Weight
+from k25jax.train.fakequant import (
+    SCALE_MODES,
+    FakeQuantArray,
+    FakeQuantWeight,
+    QuantScale,
+    grid_of,
+    group_scales,
+    quantize_int4,
+)
+
+
+class QATError(ValueError):
+    """A QAT setting that cannot apply to this model (the message names the setting)."""
+
+
+def module_path(path: tuple) -> str:
+    """``('text', 'moe_layers', 'mlp', 'experts')`` -> ``"text/moe_layers/mlp/experts"``."""
+    return "/".join(str(p) for p in path)
+
+
+@dataclass
+class FakeQuantReport:
+    """What :func:`to_fake_quant` converted."""
+
+    converted: list[str] = field(default_factory=list)  # weight paths now fake-quant
+    kept_int4: list[str] = field(default_factory=list)  # routed-expert weights left packed
+
+
+def to_fake_quant(
+    model: nnx.Module,
+    *,
+    experts: str = r".*",
+    grid: str = "kimi",
+    scales: str = "dynamic",
+    master_dtype="float32",
+) -> FakeQuantReport:
+    """Replace, in place, the routed-expert weights whose path matches ``experts`` (a regex searched in
+    ``"text/moe_layers/mlp/experts/gate_proj"``-style paths) by fake-quant weights on ``grid`` with ``scales`` mode.
+
+    INT4 experts: masters ``q * s`` (exact in float32; in bf16 ``q * s`` rounds, see the README) and the stored
+    scales. Plain (float) experts: masters are the weights and scales are computed on ``grid``.
+    """
+    if scales not in SCALE_MODES:
+        raise QATError(f"--qat-scales {scales!r} is not one of {SCALE_MODES}")
+    the_grid = grid_of(grid)
+    master = jnp.dtype(master_dtype)
+    pattern = re.compile(experts)
+    report = FakeQuantReport()
+    for path, module in list(nnx.iter_modules(model)):
+        if not isinstance(module, Experts):
+            continue
+        for name in Experts.WEIGHTS:
+            where = f"{module_path(path)}/{name}"
+            weight = getattr(module, name)
+            if isinstance(weight, FakeQuantWeight):
+                raise QATError(f"{where} is already a fake-quant weight")
+            if not pattern.search(where):
+                if isinstance(weight, Int4Weight):
+                    report.kept_int4.append(where)
+                continue
+            if isinstance(weight, Int4Weight):
+                value = weight[...]
+                axes = weight.packed.get_metadata()["out_sharding"]
+                masters, group = value.dequantize(master), value.scales
+            else:
+                axes = weight.get_metadata()["out_sharding"]
+                masters = weight[...].astype(master)
+                group = group_scales(masters, the_grid)
+            fake = FakeQuantArray(masters, group, the_grid, scales)
+            setattr(module, name, FakeQuantWeight(fake, axes, what=where))
+            report.converted.append(where)
+    return report
+
+
+def to_int4(model: nnx.Module) -> list[str]:
+    """Replace, in place, every fake-quant weight by the INT4 weight it stands for (``q`` and the scales its forward
+    uses), so the model is an INT4 model again (and exports as a release). Returns the converted paths."""
+    done = []
+    for path, module in list(nnx.iter_modules(model)):
+        if not isinstance(module, Experts):
+            continue
+        for name in Experts.WEIGHTS:
+            weight = getattr(module, name)
+            if isinstance(weight, FakeQuantWeight):
+                axes = weight.master.get_metadata()["out_sharding"]
+                value: Int4Array = weight[...].to_int4()
+                setattr(module, name, Int4Weight(value, axes, what=f"{module_path(path)}/{name}"))
+                done.append(f"{module_path(path)}/{name}")
+    return done
+
+
+def quantize_experts(model: nnx.Module, grid: str = "kimi") -> list[str]:
+    """Re-quantize, in place, every routed-expert weight on ``grid`` from its current value (a float weight, or the
+    dequantized INT4 one): e.g. to make a ``kimi``-grid model from a randomly initialised one. Returns the paths."""
+    done = []
+    for path, module in list(nnx.iter_modules(model)):
+        if not isinstance(module, Experts):
+            continue
+        for name in Experts.WEIGHTS:
+            weight = getattr(module, name)
+            if isinstance(weight, Int4Weight):
+                axes, value = weight.packed.get_metadata()["out_sharding"], weight[...].dequantize(jnp.float32)
+            elif isinstance(weight, FakeQuantWeight):
+                axes, value = weight.master.get_metadata()["out_sharding"], weight.master[...].astype(jnp.float32)
+            else:
+                axes, value = weight.get_metadata()["out_sharding"], weight[...].astype(jnp.float32)
+            where = f"{module_path(path)}/{name}"
+            setattr(module, name, Int4Weight(quantize_int4(value, grid), axes, what=where))
+            done.append(where)
+    return done
+
+
+FROZEN_TYPES = (Int4Packed, Int4Scales, QuantScale)
+ROUTER_BIAS = "correction_bias"
+
+
+def trainable_filter(pattern: str = r".*", *, train_router_bias: bool = False):
+    """An nnx filter of the parameters to train: float ``nnx.Param`` leaves whose path (``"text/moe_layers/attn/
+    q_a_proj"``-style, fake-quant masters ending in ``/master``) matches ``pattern``. Never INT4 words or scales,
+    frozen QAT scales, nor (unless asked) the router's correction bias."""
+    regex = re.compile(pattern)
+
+    def accept(path, value) -> bool:
+        if not isinstance(value, nnx.Param) or isinstance(value, FROZEN_TYPES):
+            return False
+        where = module_path(path)
+        if where.endswith(ROUTER_BIAS) and not train_router_bias:
+            return False
+        return bool(regex.search(where)) and jnp.issubdtype(value.dtype, jnp.floating)
+
+    return accept
+
+
+def trainable_paths(model: nnx.Module, flt) -> list[str]:
+    """The paths the filter selects (for reports, and to reject a pattern that matches nothing)."""
+    return [module_path(p) for p, _ in nnx.to_flat_state(nnx.state(model, flt))]

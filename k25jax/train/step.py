@@ -1,0 +1,133 @@
+"""The QAT train step: next-token loss on assistant tokens, an optax AdamW chain, a jitted step with the state donated.
+
+The step is a pure function of ``(trainable, opt_state, frozen, batch)``: the model is split once
+(:func:`split_model`) into its graph definition, the trainable parameters (``trainable_filter``) and everything else,
+so no graph is walked or hashed per step, and optimizer state exists only for the trainable leaves. Frozen INT4
+experts ride in ``frozen`` packed, as the model holds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay, global-norm clipping and gradient accumulation.
+
+    ``steps`` is the total number of optimizer steps (the schedule's length); ``accumulate`` micro-batches make one
+    step (``optax.MultiSteps``). Weight decay applies to parameters of rank >= 2 (matrices, expert stacks), not to
+    norms and biases. ``state_dtype`` is the dtype of Adam's first moment (``"float32"`` or ``"bfloat16"``).
+    """
+
+    lr: float = 1e-4
+    warmup: int = 0
+    steps: int = 100
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    accumulate: int = 1
+    state_dtype: str = "float32"
+
+    def schedule(self) -> optax.Schedule:
+        warmup = max(0, min(self.warmup, self.steps))
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup else self.lr,
+            peak_value=self.lr,
+            warmup_steps=warmup,
+            decay_steps=max(self.steps, warmup + 1),
+            end_value=self.lr * self.end_lr_ratio,
+        )
+
+    def build(self) -> optax.GradientTransformation:
+        decay_mask = lambda params: jax.tree.map(lambda a: a.ndim >= 2, params)  # noqa: E731
+        chain = []
+        if self.clip_norm:
+            chain.append(optax.clip_by_global_norm(self.clip_norm))
+        chain.append(
+            optax.adamw(
+                self.schedule(),
+                b1=self.b1,
+                b2=self.b2,
+                eps=self.eps,
+                weight_decay=self.weight_decay,
+                mask=decay_mask,
+                mu_dtype=jnp.dtype(self.state_dtype),
+            )
+        )
+        tx = optax.chain(*chain)
+        if self.accumulate > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulate)
+        return tx
+
+
+def split_model(model: nnx.Module, trainable) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, trainable_state, frozen_state)`` of ``model`` for the ``trainable`` nnx filter."""
+    return nnx.split(model, trainable, ...)
+
+
+def token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over the masked tokens: ``logits [B, T, V]`` float32, ``targets [B, T]``,
+    ``loss_mask [B, T]`` -> ``(loss, tokens)``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = loss_mask.astype(jnp.float32)
+    tokens = mask.sum()
+    return (nll * mask).sum() / jnp.maximum(tokens, 1.0), tokens
+
+
+def model_loss(model, batch: dict) -> tuple[jax.Array, dict]:
+    """The loss of a ``K25`` (or ``TextModel``) on a packed batch (``k25jax.train.data`` contract)."""
+    text = getattr(model, "text", model)
+    logits = text(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    loss, tokens = token_loss(logits, batch["targets"], batch["loss_mask"])
+    return loss, {"tokens": tokens}
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None, loss_fn=model_loss):
+    """A jitted ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)``; the trainable
+    parameters and optimizer state are donated. Metrics: ``loss``, ``grad_norm``, ``lr``, ``tokens``."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, frozen, batch):
+        def loss_of(params):
+            return loss_fn(nnx.merge(graphdef, params, frozen), batch)
+
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": aux["tokens"]}
+        if schedule is not None:
+            metrics["lr"] = schedule(jnp.maximum(_count(opt_state) - 1, 0))  # the rate this step used
+        return trainable, opt_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn=model_loss):
+    """A jitted ``eval(trainable, frozen, batch) -> {"loss", "tokens"}``."""
+
+    @jax.jit
+    def evaluate(trainable, frozen, batch):
+        loss, aux = loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
+        return {"loss": loss, "tokens": aux["tokens"]}
+
+    return evaluate
+
+
+def _count(opt_state: Any) -> jax.Array:
+    """The optimizer's step count (the schedule's argument), found in the optax state."""
+    for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
+        if isinstance(leaf, optax.ScaleByAdamState):
+            return leaf.count
+    return jnp.zeros((), jnp.int32)
