@@ -157,10 +157,11 @@ class TextModel(nnx.Module):
         Without ``cache``: attention among these tokens (causal, and only over keys with ``key_valid [B, T]``
         when given, and only within a query's own segment with ``segment_ids [B, T]``: packed training rows,
         whose positions restart per segment). With ``cache``: the tokens' latents are written into slots
-        ``positions`` first, then ``form="full"`` attends among the new tokens only (prefill: valid when the cache holds nothing before
-        them; right padding needs no mask, a real query never sees a later padded key) and ``form="absorbed"``
-        over every cache slot up to each query's position (decode, continuation). Returns the final-normed hidden
-        ``[B, T, D]`` and the cache with its new latents (``lengths`` untouched: callers set them), or None.
+        ``positions`` first, then ``form="full"`` attends among the new tokens only (prefill: valid when the cache
+        holds nothing before them; right padding needs no mask, a real query never sees a later padded key) and
+        ``form="absorbed"`` over every cache slot up to each query's position (decode, continuation). Returns the
+        final-normed hidden ``[B, T, D]`` and the cache with its new latents (``lengths`` untouched: callers set
+        them), or None.
         """
         cos, sin = self.rope(positions)
         if cache is not None and form == "absorbed":
