@@ -150,8 +150,8 @@ def model_reader(model: K25, cfg: K25Config) -> SlotReader:
             hit = cache.get((base, index))
         if hit is None:
             w = np.asarray(jax.device_get(flat[base][index]), np.float32)  # [K, N] = [in, out]
-            q, scale = quant.quantize(np.ascontiguousarray(w.T), group, scale_dtype=NUMPY_DTYPES["BF16"])
-            hit = [*quant.release_to_device(quant.pack_int4(q), scale), 2]
+            q, scale = quant.quantize_release(np.ascontiguousarray(w.T), group, scale_dtype=NUMPY_DTYPES["BF16"])
+            hit = [*quant.release_to_device(quant.pack_release(q), scale), 2]
             with lock:
                 hit = cache.setdefault((base, index), hit)
         with lock:
@@ -358,7 +358,7 @@ def export_model(
     """Write an in-memory model in the released format.
 
     INT4 experts are written as they are (bit-exact); float experts (after fine-tuning) are quantized with the
-    release rule (``k25jax.quant.quantize``: group 32, ``scale = max|w| / 7.5`` in bf16) when the model's config
+    release rule (``k25jax.quant.quantize_release``: group 32, ``scale = max|w| / 7.5`` in bf16) when the model's config
     (or ``quantization``) says the release is quantized, and written bf16 otherwise.
     """
     cfg = model.cfg if quantization is None else model.cfg.replace(quantization=quantization).validate()

@@ -1,5 +1,14 @@
 """INT4 weights: the release packing, the on-device INT4 type, quantize and dequantize.
 
+Three families, named by the layout they work in:
+
+- ``*_release`` (here, numpy, host side): the release layout ``[O, I/8]`` words of offset-binary nibbles along the
+  input axis: :func:`unpack_release`, :func:`pack_release`, :func:`quantize_release`, :func:`dequantize_release`;
+- ``*_device`` (:mod:`pallas_kernels.int4_layout`, jnp): the kernels' K-major two's-complement layout
+  ``[..., K/8, N]``: ``unpack_device``, ``pack_device``, ``quantize_device``, ``dequantize_device``;
+- the :class:`Int4Array` value type (device layout): ``Int4Array.from_float``, ``.dequantize``,
+  ``.from_release`` / ``.to_release`` (the exact conversion between the two layouts).
+
 Release packing (``shared/docs/k25-architecture.md`` section 4): a weight ``W [O, I]`` is stored as
 ``weight_packed int32 [O, I/8]`` and ``weight_scale [O, I/group]``. Value ``q`` in [-8, 7] is stored as the
 nibble ``u = q + 8``; input column ``k`` lives in word ``k // 8`` at bits ``4 * (k % 8)`` (low nibble first).
@@ -45,7 +54,7 @@ NIBBLES_PER_WORD = 8
 QMIN, QMAX = -8, 7
 
 
-def unpack_int4(packed: np.ndarray, in_features: int) -> np.ndarray:
+def unpack_release(packed: np.ndarray, in_features: int) -> np.ndarray:
     """``int32 [..., I/8]`` release words -> ``int8 [..., I]`` values in [-8, 7]."""
     if packed.dtype != np.int32:
         raise ValueError(f"packed INT4 words must be int32, got {packed.dtype}")
@@ -56,7 +65,7 @@ def unpack_int4(packed: np.ndarray, in_features: int) -> np.ndarray:
     return (values.astype(np.int8) - np.int8(8)).astype(np.int8)
 
 
-def pack_int4(values: np.ndarray) -> np.ndarray:
+def pack_release(values: np.ndarray) -> np.ndarray:
     """``int8 [..., I]`` values in [-8, 7] -> ``int32 [..., ceil(I/8)]`` release words."""
     if values.size and (values.min() < QMIN or values.max() > QMAX):
         raise ValueError(f"INT4 values must lie in [{QMIN}, {QMAX}], got [{values.min()}, {values.max()}]")
@@ -71,13 +80,13 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
     return words.astype(np.uint32).view(np.int32)
 
 
-def dequantize(values: np.ndarray, scale: np.ndarray, group_size: int, dtype=np.float32) -> np.ndarray:
+def dequantize_release(values: np.ndarray, scale: np.ndarray, group_size: int, dtype=np.float32) -> np.ndarray:
     """``int8 values [..., I]`` and ``scale [..., I/group]`` -> ``W [..., I]`` (computed in float32)."""
     s = np.repeat(scale.astype(np.float32), group_size, axis=-1)[..., : values.shape[-1]]
     return (values.astype(np.float32) * s).astype(dtype)
 
 
-def quantize(w: np.ndarray, group_size: int, scale_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_release(w: np.ndarray, group_size: int, scale_dtype=None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric group quantization of ``w [..., I]`` -> ``(int8 values [..., I], scale [..., I/group])``.
 
     ``scale = max|w_group| / 7.5`` (rounded to ``scale_dtype``, default ``w.dtype``), ``q = clamp(round(w/scale))``.
@@ -188,7 +197,7 @@ class Int4Array:
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The weight ``[..., K, N]`` in ``dtype`` (``q * scale`` in float32, then cast)."""
-        return int4_layout.dequantize(self.packed, self.scales, dtype)
+        return int4_layout.dequantize_device(self.packed, self.scales, dtype)
 
     def grouped_matmul(self, rows: jax.Array, group_sizes: jax.Array, *, impl: str = "xla") -> jax.Array:
         """Experts ``[E, K, N]``: ``rows [M, K]`` sorted by expert (``group_sizes [E]``) times their expert ->
@@ -197,9 +206,9 @@ class Int4Array:
         return int4_gmm(rows, self.packed, self.scales, group_sizes, impl=impl, out_dtype=jnp.float32)
 
     @classmethod
-    def quantize(cls, w: jax.Array, scale_dtype=SCALE_DTYPE) -> Int4Array:
+    def from_float(cls, w: jax.Array, scale_dtype=SCALE_DTYPE) -> Int4Array:
         """Group-32 symmetric quantization of ``w [..., K, N]`` along K (the release rule)."""
-        return cls(*int4_layout.quantize(w, scale_dtype))
+        return cls(*int4_layout.quantize_device(w, scale_dtype))
 
     @classmethod
     def from_release(cls, packed: np.ndarray, scale: np.ndarray) -> Int4Array:
@@ -258,7 +267,7 @@ class Int4Weight(nnx.Module):
         """Quantize ``w [..., K, N]`` (group 32 along K, the release rule)."""
         if w.ndim < 2 or w.shape[-2] % GROUP:
             raise ValueError(f"{what}: INT4 weights need shape [..., K, N] with K a multiple of {GROUP}, got {w.shape}")
-        return cls(Int4Array.quantize(w, scale_dtype), axes, what=what)
+        return cls(Int4Array.from_float(w, scale_dtype), axes, what=what)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -51,7 +51,7 @@ def check_operands(what: str, packed: jax.Array, scales: jax.Array, k: int | Non
     return kk, n
 
 
-def unpack(packed: jax.Array) -> jax.Array:
+def unpack_device(packed: jax.Array) -> jax.Array:
     """``int32 [..., K/8, N]`` -> ``int8 [..., K, N]`` values in [-8, 7]."""
     shifts = jnp.arange(PACK, dtype=jnp.int32) * NIBBLE_BITS
     # Move nibble j to the top of the word, then an arithmetic right shift sign-extends it.
@@ -60,8 +60,8 @@ def unpack(packed: jax.Array) -> jax.Array:
     return q.reshape(logical_shape(packed.shape)).astype(jnp.int8)
 
 
-def pack(values: jax.Array) -> jax.Array:
-    """``int [..., K, N]`` values in [-8, 7] -> ``int32 [..., K/8, N]`` (the inverse of :func:`unpack`)."""
+def pack_device(values: jax.Array) -> jax.Array:
+    """``int [..., K, N]`` values in [-8, 7] -> ``int32 [..., K/8, N]`` (the inverse of :func:`unpack_device`)."""
     *lead, k, n = values.shape
     if k % PACK:
         raise ValueError(f"pack: K={k} is not a multiple of {PACK}")
@@ -74,15 +74,15 @@ def pack(values: jax.Array) -> jax.Array:
     return out
 
 
-def dequantize(packed: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Array:
+def dequantize_device(packed: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Array:
     """The weight ``W [..., K, N]`` in ``dtype``, computed as ``q * scale`` in float32 (exact), then cast."""
-    q = unpack(packed).astype(jnp.float32)
+    q = unpack_device(packed).astype(jnp.float32)
     *lead, k, n = q.shape
     w = q.reshape(*lead, k // GROUP, GROUP, n) * scales.astype(jnp.float32)
     return w.reshape(*lead, k, n).astype(dtype)
 
 
-def quantize(w: jax.Array, scale_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+def quantize_device(w: jax.Array, scale_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
     """Symmetric group-32 quantization of ``w [..., K, N]`` along K -> ``(packed, scales)``.
 
     The release rule: ``scale = max|w_group| / 7.5`` rounded to ``scale_dtype``, ``q = clamp(round(w / scale))``.
@@ -97,7 +97,7 @@ def quantize(w: jax.Array, scale_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Arr
     # then and moves values lying on a rounding tie; the barrier keeps the true IEEE division (the numpy rule).
     divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(sf == 0, 1.0, sf), wf.shape))
     q = jnp.clip(jnp.round(wf / divisor), -8, 7).astype(jnp.int32)
-    return pack(q.reshape(*lead, k, n)), scales
+    return pack_device(q.reshape(*lead, k, n)), scales
 
 
 def interleave_columns(x: jax.Array) -> jax.Array:

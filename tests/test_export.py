@@ -123,16 +123,16 @@ def test_export_model_quantizes_float_experts(tmp_path):
             for e in range(t.n_routed_experts):
                 name = f"language_model.model.layers.{layer}.mlp.experts.{e}.{w}"
                 release_w = np.ascontiguousarray(weights[e].T)  # [out, in], the release orientation
-                q, scale = quant.quantize(release_w, 32, scale_dtype=ml_dtypes.bfloat16)
+                q, scale = quant.quantize_release(release_w, 32, scale_dtype=ml_dtypes.bfloat16)
                 packed = np.frombuffer(written[f"{name}.weight_packed"][2], np.int32).reshape(q.shape[0], -1)
                 got_scale = np.frombuffer(written[f"{name}.weight_scale"][2], ml_dtypes.bfloat16).reshape(scale.shape)
-                np.testing.assert_array_equal(packed, quant.pack_int4(q), name)
+                np.testing.assert_array_equal(packed, quant.pack_release(q), name)
                 np.testing.assert_array_equal(got_scale, scale, name)
                 step = np.repeat(scale.astype(np.float32), 32, axis=-1)
-                deq = quant.dequantize(q, scale, 32)
+                deq = quant.dequantize_release(q, scale, 32)
                 worst = max(worst, float((np.abs(deq - release_w.astype(np.float32)) / step).max()))
-                device = Int4Array.quantize(jnp.asarray(weights[e], jnp.float32)).to_release()[0]
-                device_diff += int(np.sum(quant.unpack_int4(device, q.shape[1]) != q))
+                device = Int4Array.from_float(jnp.asarray(weights[e], jnp.float32)).to_release()[0]
+                device_diff += int(np.sum(quant.unpack_release(device, q.shape[1]) != q))
                 ct_q, ct_scale = oracle.quantize_ct(torch.tensor(release_w.astype(np.float32)), 32)
                 ct_q, ct_scale = ct_q.numpy().astype(np.int32), ct_scale.float().numpy()
                 ct_scale_diff += int(np.sum(ct_scale != scale.astype(np.float32)))

@@ -23,44 +23,44 @@ def _weight(shape, seed=0):
 def test_release_packing_bit_layout():
     # Column k is nibble k % 8 (low nibble first) of word k // 8, stored offset-binary as q + 8.
     values = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [-8, -7, -6, -5, -4, -3, -2, -1]], np.int8)
-    words = quant.pack_int4(values)
+    words = quant.pack_release(values)
     assert words.dtype == np.int32 and words.shape == (2, 1)
     assert words.view(np.uint32)[:, 0].tolist() == [0xFEDCBA98, 0x76543210]
-    np.testing.assert_array_equal(quant.unpack_int4(words, 8), values)
+    np.testing.assert_array_equal(quant.unpack_release(words, 8), values)
 
 
 def test_pack_unpack_roundtrip_pads_the_last_word():
     q = np.random.default_rng(1).integers(-8, 8, size=(3, 5, 12)).astype(np.int8)
-    words = quant.pack_int4(q)
+    words = quant.pack_release(q)
     assert words.shape == (3, 5, 2)
     assert (words.view(np.uint32)[..., 1] >> 16 == 0).all()  # the 4 padding nibbles are zero
-    np.testing.assert_array_equal(quant.unpack_int4(words, 12), q)
+    np.testing.assert_array_equal(quant.unpack_release(words, 12), q)
     with pytest.raises(ValueError, match=r"INT4 values must lie in \[-8, 7\], got \[-8, 8\]"):
-        quant.pack_int4(np.array([-8, 8], np.int8))
+        quant.pack_release(np.array([-8, 8], np.int8))
     with pytest.raises(ValueError, match="packed INT4 words must be int32, got int64"):
-        quant.unpack_int4(words.astype(np.int64), 12)
+        quant.unpack_release(words.astype(np.int64), 12)
 
 
 def test_quantize_dequantize_error_is_half_a_step():
     w = np.random.default_rng(2).normal(size=(16, 96)).astype(np.float32)
     w[3, :32] = 0.0  # an all-zero group quantizes to zeros, scale 0
-    q, scale = quant.quantize(w, 32)
+    q, scale = quant.quantize_release(w, 32)
     assert q.dtype == np.int8 and q.shape == w.shape and scale.shape == (16, 3) and scale.dtype == np.float32
     assert q.min() >= -8 and q.max() <= 7
     np.testing.assert_array_equal(scale, np.abs(w.reshape(16, 3, 32)).max(-1) / np.float32(7.5))
     assert scale[3, 0] == 0 and not q[3, :32].any()
-    back = quant.dequantize(q, scale, 32)
+    back = quant.dequantize_release(q, scale, 32)
     step = np.repeat(scale, 32, axis=-1)
     assert (np.abs(back - w) <= 0.5 * step * (1 + 1e-6)).all()  # round to nearest; +7.5 steps clamps to 7
     with pytest.raises(ValueError, match="input width 40 is not a multiple of the group size 32"):
-        quant.quantize(w[:, :40], 32)
+        quant.quantize_release(w[:, :40], 32)
 
 
 def test_release_to_device_checks_and_flip_is_an_involution():
-    words = quant.pack_int4(np.random.default_rng(3).integers(-8, 8, size=(4, 64)).astype(np.int8))
+    words = quant.pack_release(np.random.default_rng(3).integers(-8, 8, size=(4, 64)).astype(np.int8))
     np.testing.assert_array_equal(quant.flip_nibbles(quant.flip_nibbles(words)), words)
     # offset-binary q + 8 -> two's-complement q & 0xF: nibble 8 (q = 0) becomes 0
-    assert quant.flip_nibbles(quant.pack_int4(np.zeros((1, 8), np.int8)))[0, 0] == 0
+    assert quant.flip_nibbles(quant.pack_release(np.zeros((1, 8), np.int8)))[0, 0] == 0
     with pytest.raises(ValueError, match=r"INT4 scales of shape \[4, 3\] do not fit packed words \[4, 8\]"):
         quant.release_to_device(words, np.zeros((4, 3), np.float32))
     with pytest.raises(ValueError, match="packed INT4 words must be int32, got uint32"):
@@ -68,11 +68,11 @@ def test_release_to_device_checks_and_flip_is_an_involution():
 
 
 def test_int4_array_release_roundtrip_is_bit_exact():
-    q, scale = quant.quantize(np.asarray(_weight((48, 64), seed=4)), 32, scale_dtype=jnp.bfloat16)  # W^T [O, I]
-    packed = quant.pack_int4(q)
+    q, scale = quant.quantize_release(np.asarray(_weight((48, 64), seed=4)), 32, scale_dtype=jnp.bfloat16)  # W^T [O, I]
+    packed = quant.pack_release(q)
     value = Int4Array.from_release(packed, scale)
     assert value.shape == (64, 48) and value.packed.shape == (8, 48) and value.scales.shape == (2, 1, 48)
-    np.testing.assert_array_equal(np.asarray(value.dequantize()), quant.dequantize(q, scale, 32).T)
+    np.testing.assert_array_equal(np.asarray(value.dequantize()), quant.dequantize_release(q, scale, 32).T)
     back_packed, back_scale = value.to_release()
     np.testing.assert_array_equal(back_packed, packed)
     np.testing.assert_array_equal(back_scale.view(np.uint16), scale.view(np.uint16))
@@ -87,7 +87,7 @@ def test_int4_array_shape_size_bytes_and_indexing():
     value = Int4Array(packed, scales)
     assert value.shape == (60, 384, 7168, 2048) and value.ndim == 4 and value.size == 60 * 384 * 7168 * 2048
     assert value.nbytes / value.size == pytest.approx(0.5625)
-    small = Int4Array.quantize(_weight((3, 2, 64, 16)))
+    small = Int4Array.from_float(_weight((3, 2, 64, 16)))
     assert small[1].shape == (2, 64, 16) and small[:, 0].shape == (3, 64, 16) and small[2, 1].shape == (64, 16)
     np.testing.assert_array_equal(np.asarray(small[2, 1].dequantize()), np.asarray(small.dequantize())[2, 1])
     for bad in [(0, 1, 2), (Ellipsis,), (None,)]:
@@ -97,7 +97,7 @@ def test_int4_array_shape_size_bytes_and_indexing():
 
 def test_int4_array_slices_under_scan():
     # jax.lax.scan over a stacked layer axis slices every leaf of the INT4 value (one layer of 8 experts).
-    value = Int4Array.quantize(_weight((1, 8, 32, 64), seed=5))
+    value = Int4Array.from_float(_weight((1, 8, 32, 64), seed=5))
 
     seen = []
 
@@ -113,7 +113,7 @@ def test_int4_array_slices_under_scan():
 
 def test_quantize_error_and_dequantize_dtype():
     w = _weight((2, 64, 24), seed=6)
-    value = Int4Array.quantize(w)
+    value = Int4Array.from_float(w)
     assert value.packed.dtype == jnp.int32 and value.scales.dtype == jnp.bfloat16
     assert value.dequantize(jnp.bfloat16).dtype == jnp.bfloat16
     step = np.repeat(np.asarray(value.scales, np.float32)[..., 0, :], 32, axis=-2)

@@ -13,9 +13,9 @@ master ``W`` (``shared/docs/qat.md``). Two grids:
 
 Scale modes: ``"dynamic"`` (recomputed from the masters every step, no gradient), ``"frozen"`` (the checkpoint's
 scales, constants), ``"learned"`` (trainable, LSQ-style gradient). The forward computes ``q * s`` in float32 and
-casts to the compute dtype exactly as :func:`pallas_kernels.int4_layout.dequantize` does, and the grouped matmul is
-the one the INT4 reference runs, so a fake-quant model equals the INT4 model bit for bit when their ``q`` and ``s``
-agree (float32, ``kernels="xla"``).
+casts to the compute dtype exactly as :func:`pallas_kernels.int4_layout.dequantize_device` does, and the grouped
+matmul is the one the INT4 reference runs, so a fake-quant model equals the INT4 model bit for bit when their ``q``
+and ``s`` agree (float32, ``kernels="xla"``).
 
 :class:`FakeQuantArray` is the value (a pytree: master and scales, the grid and mode static), with the methods
 :func:`pallas_kernels.grouped_swiglu.grouped_swiglu` calls on a weight type: ``grouped_matmul``, indexing of the
@@ -95,7 +95,7 @@ def quantize_int4(w: jax.Array, grid: str | Grid = "kimi", scale_dtype=SCALE_DTY
     grid = grid_of(grid) if isinstance(grid, str) else grid
     scales = group_scales(w, grid, scale_dtype)
     q = quantize_values(w, scales, grid).astype(jnp.int32).reshape(w.shape)
-    return Int4Array(int4_layout.pack(q), scales)
+    return Int4Array(int4_layout.pack_device(q), scales)
 
 
 def _fake_quant_value(w, scales, grid: Grid, dtype):
@@ -186,7 +186,7 @@ class FakeQuantArray:
         """The INT4 weight this fake-quant weight stands for (what export writes): ``q`` and the current scales."""
         scales = self.current_scales()
         q = quantize_values(self.master, scales, self.grid).astype(jnp.int32).reshape(self.shape)
-        return Int4Array(int4_layout.pack(q), scales)
+        return Int4Array(int4_layout.pack_device(q), scales)
 
 
 class QuantScale(nnx.Variable):

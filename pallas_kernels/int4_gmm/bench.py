@@ -62,7 +62,7 @@ def run_case(kind, tokens, experts, k, n, impls, peaks, iters, repeats, per_row,
             skipped.append(f"{case} / {impl}: skipped, predicted {predicted:.1f} s per call from the previous case")
             continue
         if impl == "bf16":
-            w = jax.jit(lambda p, s: L.dequantize(p, s, jnp.bfloat16))(packed, scales)
+            w = jax.jit(lambda p, s: L.dequantize_device(p, s, jnp.bfloat16))(packed, scales)
             fn, args, nbytes = bf16_ragged_dot, (w, sizes), active * k * n * 2 + act
         else:
             fn, args, nbytes = functools.partial(ops.int4_gmm, impl=impl), (packed, scales, sizes), int4_bytes

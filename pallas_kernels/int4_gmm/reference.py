@@ -32,7 +32,7 @@ def int4_gmm(
         )
     if x.ndim != 2 or x.shape[1] != (n if transpose_rhs else k):
         raise ValueError(f"int4_gmm: activations {x.shape} do not match the INT4 experts [E={e}, K={k}, N={n}]")
-    w = L.dequantize(packed, scales, x.dtype)
+    w = L.dequantize_device(packed, scales, x.dtype)
     if transpose_rhs:
         w = jnp.swapaxes(w, 1, 2)
     out = jax.lax.ragged_dot(

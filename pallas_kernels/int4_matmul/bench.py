@@ -60,7 +60,7 @@ def run_case(kind: str, m: int, k: int, n: int, impls, peaks, iters: int, repeat
     out = []
     for impl in impls:
         if impl == "bf16":
-            w = jax.jit(lambda p, s: L.dequantize(p, s, jnp.bfloat16))(packed, scales)
+            w = jax.jit(lambda p, s: L.dequantize_device(p, s, jnp.bfloat16))(packed, scales)
             fn, args, nbytes = bf16_dot, (w,), bf16_bytes(m, k, n)
         else:
             fn, args, nbytes = functools.partial(ops.int4_matmul, impl=impl), (packed, scales), int4_bytes(m, k, n)

@@ -23,7 +23,7 @@ def int4_matmul(
     k, n = L.check_operands("int4_matmul", packed, scales)
     if x.ndim != 2 or x.shape[1] != (n if transpose_rhs else k):
         raise ValueError(f"int4_matmul: activations {x.shape} do not match the INT4 weight [K={k}, N={n}]")
-    w = L.dequantize(packed, scales, x.dtype)
+    w = L.dequantize_device(packed, scales, x.dtype)
     if transpose_rhs:
         w = w.T
     out = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision(x.dtype))

@@ -17,7 +17,7 @@ FLAVORS = ["pallas:gpu", "pallas:tpu"]
 
 def _experts(e, k, n, seed=0):
     w = np.random.default_rng(seed).normal(size=(e, k, n)).astype(np.float32)
-    return L.quantize(jnp.asarray(w))
+    return L.quantize_device(jnp.asarray(w))
 
 
 def _rows(m, k, dtype, seed=1):

@@ -20,7 +20,7 @@ FLAVORS = ["pallas:gpu", "pallas:tpu"]
 
 def _weight(k, n, seed=0):
     w = np.random.default_rng(seed).normal(size=(k, n)).astype(np.float32)
-    return L.quantize(jnp.asarray(w))
+    return L.quantize_device(jnp.asarray(w))
 
 
 def _x(m, k, dtype, seed=1):

@@ -139,7 +139,7 @@ def test_fake_quant_array_indexes_and_exports():
     back = fq.to_int4()
     assert np.array_equal(np.asarray(back.packed), np.asarray(value.packed))
     assert np.array_equal(np.asarray(back.scales), np.asarray(value.scales))
-    nibbles = np.asarray(int4_layout.unpack(value.packed))
+    nibbles = np.asarray(int4_layout.unpack_device(value.packed))
     assert nibbles.min() >= -7 and nibbles.max() == 7  # the kimi grid never uses -8
     with pytest.raises(IndexError):
         fq[..., 0]
@@ -222,9 +222,13 @@ def test_segments_keep_attention_within_a_sample():
 def test_fake_quant_weight_module_types():
     w = jax.random.normal(jax.random.key(3), (4, 64, 8)) * 0.1
     value = quantize_int4(w, "kimi")
-    frozen = FakeQuantWeight(FakeQuantArray(value.dequantize(), value.scales, GRIDS["kimi"], "frozen"), ("a", "b", "c"))
+    frozen = FakeQuantWeight(
+        FakeQuantArray(value.dequantize(), value.scales, GRIDS["kimi"], "frozen"),
+        ("experts", "expert_embed", "expert_mlp"),
+    )
     learned = FakeQuantWeight(
-        FakeQuantArray(value.dequantize(), value.scales, GRIDS["kimi"], "learned"), ("a", "b", "c")
+        FakeQuantArray(value.dequantize(), value.scales, GRIDS["kimi"], "learned"),
+        ("experts", "expert_embed", "expert_mlp"),
     )
     assert not isinstance(frozen.scales, nnx.Param) and isinstance(learned.scales, nnx.Param)
     assert frozen.shape == (4, 64, 8) and frozen[...].mode == "frozen"
