@@ -47,6 +47,12 @@ def _generate_registrars():
     return [register_generate, register_chat]
 
 
+def _finetune_registrar(sub) -> None:
+    from k25jax.cli_finetune import register_finetune
+
+    register_finetune(sub)
+
+
 def _plan_registrar(sub) -> None:
     from k25jax.cli_plan import register_plan
 
@@ -68,7 +74,7 @@ def _plugin_registrars():
     return registrars
 
 
-REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar, *_plugin_registrars()]
+REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar, _finetune_registrar, *_plugin_registrars()]
 
 
 def main(argv: list[str] | None = None) -> int:

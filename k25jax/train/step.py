@@ -94,14 +94,46 @@ def model_loss(model, batch: dict) -> tuple[jax.Array, dict]:
     return loss, {"tokens": tokens}
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule=None, loss_fn=model_loss):
+def _round_ste(w: jax.Array, dtype) -> jax.Array:
+    """``w`` rounded to ``dtype`` and back, with a straight-through gradient. Bit-exact: ``r - w`` is exact for ``r``
+    within a factor 2 of ``w`` (Sterbenz), so ``w + (r - w) == r``."""
+    r = w.astype(dtype).astype(w.dtype)
+    return w + jax.lax.stop_gradient(r - w)
+
+
+def storage_rounded(trainable, storage_dtype):
+    """The trainable parameters as the release will store them: every float leaf rounded to ``storage_dtype``
+    (bf16 for Kimi releases) except fake-quant masters (their export is the INT4 grid itself). The forward sees
+    these, the optimizer updates the full-precision values: so the exported release computes exactly what was
+    trained. ``storage_dtype=None``: unchanged."""
+    if storage_dtype is None:
+        return trainable
+    dtype = jnp.dtype(storage_dtype)
+
+    def leaf(path, value):
+        if path and path[-1] == "master" or not jnp.issubdtype(value.dtype, jnp.floating) or value.dtype == dtype:
+            return value
+        return _round_ste(value, dtype)
+
+    flat = nnx.to_flat_state(trainable)
+    return nnx.from_flat_state([(p, v.replace(leaf(p, v.get_value()))) for p, v in flat])
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule=None,
+    loss_fn=model_loss,
+    storage_dtype=None,
+):
     """A jitted ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)``; the trainable
-    parameters and optimizer state are donated. Metrics: ``loss``, ``grad_norm``, ``lr``, ``tokens``."""
+    parameters and optimizer state are donated. Metrics: ``loss``, ``grad_norm``, ``lr``, ``tokens``. With
+    ``storage_dtype`` the forward uses :func:`storage_rounded` parameters."""
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(trainable, opt_state, frozen, batch):
         def loss_of(params):
-            return loss_fn(nnx.merge(graphdef, params, frozen), batch)
+            return loss_fn(nnx.merge(graphdef, storage_rounded(params, storage_dtype), frozen), batch)
 
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -114,12 +146,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_fn=model_loss):
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn=model_loss, storage_dtype=None):
     """A jitted ``eval(trainable, frozen, batch) -> {"loss", "tokens"}``."""
 
     @jax.jit
     def evaluate(trainable, frozen, batch):
-        loss, aux = loss_fn(nnx.merge(graphdef, trainable, frozen), batch)
+        loss, aux = loss_fn(nnx.merge(graphdef, storage_rounded(trainable, storage_dtype), frozen), batch)
         return {"loss": loss, "tokens": aux["tokens"]}
 
     return evaluate
