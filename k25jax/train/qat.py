@@ -130,6 +130,24 @@ def quantize_experts(model: nnx.Module, grid: str = "kimi") -> list[str]:
     return done
 
 
+def to_float_experts(model: nnx.Module, dtype="float32") -> list[str]:
+    """Replace, in place, INT4 and fake-quant expert weights by plain float parameters (their dequantized values):
+    the starting point of a float fine-tune that is quantized afterwards (post-training quantization)."""
+    done = []
+    for path, module in list(nnx.iter_modules(model)):
+        if not isinstance(module, Experts):
+            continue
+        for name in Experts.WEIGHTS:
+            weight = getattr(module, name)
+            if isinstance(weight, Int4Weight | FakeQuantWeight):
+                holder = weight.packed if isinstance(weight, Int4Weight) else weight.master
+                axes = holder.get_metadata()["out_sharding"]
+                value = weight[...].dequantize(jnp.dtype(dtype))
+                setattr(module, name, nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False))
+                done.append(f"{module_path(path)}/{name}")
+    return done
+
+
 FROZEN_TYPES = (Int4Packed, Int4Scales, QuantScale)
 ROUTER_BIAS = "correction_bias"
 
