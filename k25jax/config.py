@@ -317,6 +317,10 @@ class RunConfig:
         layer's input), ``"dots"`` (save matmul outputs), ``"dots_no_batch"`` (save matmuls without batch dims).
       cache_dtype: the latent cache dtype (default: ``compute_dtype``).
       sharding: the rules table parameters are placed by on a mesh (``"inference"`` or ``"train"``).
+      attention_block: None (the plain full-form attention: ``[B, H, T, S]`` scores and a dense ``[B, T, S]``
+        mask) or a block length in tokens: the full form over new tokens (training, uncached forward, cached
+        prefill) and the absorbed form run blockwise with an online softmax (``k25jax.attention.blockwise_attention``;
+        score memory of one ``[B, H, block, block]`` block, forward and backward).
 
     Dtypes may be given as names or dtypes; they are kept as names (``run.compute_dtype == "bfloat16"``) so the
     config is hashable and prints plainly; ``run.dtype(...)`` gives the dtype object.
@@ -329,6 +333,7 @@ class RunConfig:
     remat: str = "none"
     cache_dtype: Any = None
     sharding: str = "inference"
+    attention_block: int | None = None
 
     def __post_init__(self):
         for field in ("compute_dtype", "param_dtype", "cache_dtype"):
@@ -343,6 +348,9 @@ class RunConfig:
         ):
             if getattr(self, field) not in allowed:
                 raise ConfigError(f"RunConfig.{field}: {getattr(self, field)!r} is not one of {allowed}")
+        block = self.attention_block
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block <= 0):
+            raise ConfigError(f"RunConfig.attention_block: {block!r} is not None or a positive int (tokens per block)")
 
     @staticmethod
     def dtype(name: str):

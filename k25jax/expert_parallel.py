@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from k25jax.quant import Int4Array, int4_axes
 from k25jax.sharding import ExpertLayout
 from pallas_kernels.grouped_swiglu import SwiGLUWeights
 
@@ -40,17 +39,16 @@ ExpertFn = Callable  # (rows [M, D], group_sizes [E_local], local weights, layer
 
 
 def weight_specs(weights: SwiGLUWeights, axes: SwiGLUWeights, layout: ExpertLayout) -> SwiGLUWeights:
-    """``PartitionSpec`` pytrees for expert weights (an :class:`Int4Array` gets one spec per leaf)."""
+    """``PartitionSpec`` pytrees for expert weights: a plain array gets one spec; a weight value type (INT4,
+    fake-quant, LoRA) one per leaf, from the per-leaf logical axes its ``leaf_axes`` gives."""
     specs = []
     for name, w, w_axes in zip(SwiGLUWeights._fields, weights, axes, strict=True):
         what = f"Experts.{name}"
-        if isinstance(w, Int4Array):
-            packed_axes, scale_axes = int4_axes(tuple(w_axes))
+        if hasattr(w, "leaf_axes"):
+            leaf_axes = w.leaf_axes(tuple(w_axes))
+            is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
             specs.append(
-                Int4Array(
-                    layout.weight_spec(packed_axes, w.packed.shape, what + ".packed"),
-                    layout.weight_spec(scale_axes, w.scales.shape, what + ".scales"),
-                )
+                jax.tree.map(lambda ax, leaf: layout.weight_spec(ax, leaf.shape, what), leaf_axes, w, is_leaf=is_axes)
             )
         else:
             specs.append(layout.weight_spec(tuple(w_axes), w.shape, what))

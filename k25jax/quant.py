@@ -199,6 +199,11 @@ class Int4Array:
         """The weight ``[..., K, N]`` in ``dtype`` (``q * scale`` in float32, then cast)."""
         return int4_layout.dequantize_device(self.packed, self.scales, dtype)
 
+    def leaf_axes(self, axes: tuple[str | None, ...]) -> Int4Array:
+        """The logical axes of each leaf for a weight of logical ``axes`` (same structure, tuples as leaves): what
+        expert parallelism builds its per-leaf ``PartitionSpec`` from."""
+        return Int4Array(*int4_axes(tuple(axes)))
+
     def grouped_matmul(self, rows: jax.Array, group_sizes: jax.Array, *, impl: str = "xla") -> jax.Array:
         """Experts ``[E, K, N]``: ``rows [M, K]`` sorted by expert (``group_sizes [E]``) times their expert ->
         ``[M, N]`` float32, the weights staying packed (``int4_gmm``, ``impl`` as :mod:`pallas_kernels.dispatch`).

@@ -161,16 +161,29 @@ class TextModel(nnx.Module):
         holds nothing before them; right padding needs no mask, a real query never sees a later padded key) and
         ``form="absorbed"`` over every cache slot up to each query's position (decode, continuation). Returns the
         final-normed hidden ``[B, T, D]`` and the cache with its new latents (``lengths`` untouched: callers set
-        them), or None.
+        them), or None. With ``run.attention_block`` set, every form runs blockwise (masks built per block, none
+        dense: :func:`k25jax.attention.blockwise_attention`).
         """
         cos, sin = self.rope(positions)
-        if cache is not None and form == "absorbed":
-            mask = kv_cache.slot_mask(positions, cache.max_len)
+        over_cache = cache is not None and form == "absorbed"
+        if self.run.attention_block is not None:
+            # Blockwise attention builds each block's mask from these (over a cache: the slot mask); no dense mask.
+            pos = Positions(
+                positions,
+                cos,
+                sin,
+                key_valid=key_valid if cache is None else None,
+                segment_ids=None if over_cache else segment_ids,
+                block=self.run.attention_block,
+            )
         else:
-            mask = causal_mask(positions, positions, key_valid if cache is None else None)
-            if segment_ids is not None:
-                mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-        pos = Positions(positions, cos, sin, mask)
+            if over_cache:
+                mask = kv_cache.slot_mask(positions, cache.max_len)
+            else:
+                mask = causal_mask(positions, positions, key_valid if cache is None else None)
+                if segment_ids is not None:
+                    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            pos = Positions(positions, cos, sin, mask)
         if cache is None:
             for stack in self.stacks().values():
                 h = scan_layers(stack, h, lambda layer, h, i: layer(h, pos, form=form)[0], remat=self.run.remat)

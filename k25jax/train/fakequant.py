@@ -156,6 +156,12 @@ class FakeQuantArray:
     def ndim(self) -> int:
         return len(self.master.shape)
 
+    def leaf_axes(self, axes: tuple[str | None, ...]) -> FakeQuantArray:
+        """Per-leaf logical axes (the master the weight's, the scales those of INT4 scales)."""
+        from k25jax.quant import int4_axes
+
+        return FakeQuantArray(tuple(axes), int4_axes(tuple(axes))[1], self.grid, self.mode)
+
     def current_scales(self) -> jax.Array:
         """The scales this step uses: recomputed (without gradient) in ``"dynamic"`` mode, else the stored ones."""
         if self.mode == "dynamic":

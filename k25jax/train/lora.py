@@ -103,6 +103,12 @@ class LoRAArray:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def leaf_axes(self, axes: tuple[str | None, ...]) -> LoRAArray:
+        """Per-leaf logical axes: the base's own, ``a [..., K, r]`` and ``b [..., r, N]`` with the rank unsharded."""
+        axes = tuple(axes)
+        base = self.base.leaf_axes(axes) if hasattr(self.base, "leaf_axes") else axes
+        return LoRAArray(base, (*axes[:-1], None), (*axes[:-2], None, axes[-1]), self.alpha)
+
     def __getitem__(self, index) -> LoRAArray:
         """Index leading (layer / expert) axes, as :class:`~k25jax.quant.Int4Array` does."""
         index = index if isinstance(index, tuple) else (index,)
