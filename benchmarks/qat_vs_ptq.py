@@ -44,12 +44,12 @@ from k25jax.train.step import OptimizerConfig, make_eval_step, make_train_step, 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def write_task(path: str, n: int, seed: int) -> str:
-    """Two-digit additions and subtractions, answer only: "What is 37+48?" -> "85"."""
+def write_task(path: str, n: int, seed: int, top: int = 10) -> str:
+    """Additions and subtractions of integers below ``top``, answer only: "What is 7+8?" -> "15"."""
     rng = np.random.default_rng(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
-            a, b = (int(x) for x in rng.integers(0, 100, 2))
+            a, b = (int(x) for x in rng.integers(0, top, 2))
             op = "+" if rng.random() < 0.5 else "-"
             a, b = (a, b) if op == "+" or a >= b else (b, a)
             answer = a + b if op == "+" else a - b
@@ -89,8 +89,8 @@ def train(model, train_path, tokenizer, args, seed):
 
 def run_seed(seed: int, args, workdir: str) -> dict:
     tokenizer = Tokenizer.tiny()
-    train_path = write_task(os.path.join(workdir, f"train{seed}.jsonl"), args.train_samples, seed)
-    eval_path = write_task(os.path.join(workdir, f"eval{seed}.jsonl"), args.eval_samples, 10_000 + seed)
+    train_path = write_task(os.path.join(workdir, f"train{seed}.jsonl"), args.train_samples, seed, args.top)
+    eval_path = write_task(os.path.join(workdir, f"eval{seed}.jsonl"), args.eval_samples, 10_000 + seed, args.top)
 
     def evaluation():
         return train_data.make_batches(
@@ -136,13 +136,14 @@ def run_seed(seed: int, args, workdir: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--train-samples", type=int, default=2000)
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--lora-rank", type=int, default=4)
+    ap.add_argument("--top", type=int, default=10, help="operands are integers below this")
     ap.add_argument(
         "--trainable",
         default=r"experts/|lora",

@@ -102,7 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from convert.describe import format_json, format_report, inspect_path
 
     try:
-        report = inspect_path(args.path)
+        report = inspect_path(args.path, grid=args.grid, progress=args.grid and not args.quiet)
     except _input_errors() as e:
         return _fail("inspect", e)
     print(format_json(report) if args.json else format_report(report))
@@ -113,6 +113,13 @@ def register_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="what a release or checkpoint holds (no weights loaded)")
     p.add_argument("path", help="release directory or k25jax checkpoint")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="read every routed-expert INT4 tensor (streamed) and say which INT4 grid the release uses: "
+        "kimi, compressed-tensors or unknown",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar (--grid)")
     p.set_defaults(func=cmd_inspect)
 
 

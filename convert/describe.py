@@ -1,8 +1,10 @@
 """``k25jax inspect``: what a release directory or a k25jax checkpoint holds, from headers and metadata only.
 
-Reads ``config.json``, safetensors headers or the checkpoint's array metadata; never tensor data. Reports the
+Reads ``config.json``, safetensors headers or the checkpoint's array metadata; no tensor data. Reports the
 config summary, parameter counts (an INT4 weight counts its unpacked values, as the model does), bytes by kind
-(INT4 expert words and scales, bf16, float32) and the quantization.
+(INT4 expert words and scales, bf16, float32) and the quantization. With ``grid=True`` (``--grid``) it also reads
+every routed-expert INT4 tensor of a release, streamed one at a time, and says which INT4 grid it is on
+(:mod:`k25jax.release.grid`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from convert.destination import JOURNAL_NAME, PARTIAL_SUFFIX, read_journal
 from convert.orbax_format import read_array_specs
 from k25jax.checkpoint import CHECKPOINT_MARKER
 from k25jax.config import K25Config
+from k25jax.release import grid as int4_grid
 from k25jax.release.config import from_release_config
 from k25jax.release.keymap import release_entries
 from k25jax.release.reader import INDEX_NAME, SINGLE_NAME, ReleaseError, ReleaseReader
@@ -73,7 +76,7 @@ def config_summary(cfg: K25Config) -> dict:
     return out
 
 
-def inspect_release(path: str) -> dict:
+def inspect_release(path: str, *, grid: bool = False, progress: bool = False) -> dict:
     from k25jax.release.loader import check_tensors
 
     cfg = from_release_config(path)
@@ -86,6 +89,9 @@ def inspect_release(path: str) -> dict:
         problem = None
     except ReleaseError as e:
         problem = str(e)
+    audit = None
+    if grid and problem is None:
+        audit = int4_grid.audit_release(path, progress=progress, cfg=cfg).as_dict()
     return {
         "kind": "release",
         "path": path,
@@ -96,6 +102,7 @@ def inspect_release(path: str) -> dict:
         "parameters": _params(cfg),
         "bytes": dict(by_kind),
         "problem": problem,
+        **({"grid": audit} if grid else {}),
     }
 
 
@@ -136,17 +143,21 @@ def inspect_checkpoint(path: str) -> dict:
     }
 
 
-def inspect_path(path: str | os.PathLike) -> dict:
-    """A report dict for a release directory, a checkpoint, or an unfinished conversion (``DST.partial``)."""
+def inspect_path(path: str | os.PathLike, *, grid: bool = False, progress: bool = False) -> dict:
+    """A report dict for a release directory, a checkpoint, or an unfinished conversion (``DST.partial``).
+
+    ``grid``: also audit a release's INT4 grid (reads the routed-expert tensors; a checkpoint raises)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path) and os.path.isdir(path + PARTIAL_SUFFIX):
         path += PARTIAL_SUFFIX
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory")
     if os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)) or os.path.isfile(os.path.join(path, JOURNAL_NAME)):
+        if grid:
+            raise ReleaseError(f"{path}: --grid audits a release directory; this is a k25jax checkpoint")
         return inspect_checkpoint(path)
     if os.path.isfile(os.path.join(path, INDEX_NAME)) or os.path.isfile(os.path.join(path, SINGLE_NAME)):
-        return inspect_release(path)
+        return inspect_release(path, grid=grid, progress=progress)
     raise ReleaseError(f"{path}: neither a release (no {INDEX_NAME}) nor a k25jax checkpoint (no {CHECKPOINT_MARKER})")
 
 
@@ -177,6 +188,8 @@ def format_report(r: dict) -> str:
         lines.append(f"    {k:<28}{_gb(v):>16}")
     if r.get("problem"):
         lines.append(f"  problem:      {r['problem']}")
+    if r.get("grid"):
+        lines += ["  " + line for line in int4_grid.format_audit(r["grid"]).splitlines()]
     return "\n".join(lines)
 
 

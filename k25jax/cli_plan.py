@@ -17,14 +17,33 @@ def _config(model: str):
         raise SystemExit(f"k25jax plan: --model {model!r}: not a release directory or config.json ({e})") from None
 
 
+def _layers(text: str) -> tuple[int, int]:
+    a, sep, b = text.partition(":")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected A:B (MoE layers A <= i < B), got {text!r}")
+    return int(a), int(b)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan (no device is used: the model and cache are abstract, the mesh too)."""
     import jax.numpy as jnp
 
-    from k25jax.plan import plan
+    from k25jax.plan import TrainSetup, plan
     from k25jax.sharding import ShardingError, parse_mesh
 
     dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+    qat = None
+    if args.train:
+        qat = TrainSetup(
+            trainable=args.trainable,
+            train_layers=args.train_layers,
+            master_dtype=args.master_dtype,
+            state_dtype=args.optimizer_state_dtype,
+            scales=args.qat_scales,
+            accumulate=args.accumulate,
+            remat=args.remat,
+            attention_block=args.attention_block,
+        )
     try:
         p = plan(
             _config(args.model),
@@ -36,6 +55,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             dtype=dtypes[args.dtype],
             cache_dtype=dtypes[args.cache_dtype],
             prefill_chunk=args.prefill_chunk,
+            qat=qat,
         )
     except (ShardingError, ValueError) as e:
         raise SystemExit(f"k25jax plan: {e}") from None
@@ -44,16 +64,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def register_plan(sub) -> None:
+    from k25jax.config import REMAT_POLICIES, RunConfig
     from k25jax.plan import DEVICES
+    from k25jax.train.fakequant import SCALE_MODES
 
     p = sub.add_parser("plan", help="per-device memory of a sharded model (parameters, cache, activations, ...)")
     p.add_argument("--model", default="k25", help="preset (k25, k26, tiny) or a release directory / config.json")
     p.add_argument("--mesh", default="expert=8", help="mesh sizes, e.g. expert=8,tensor=4 (unnamed axes are 1)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (global)")
     p.add_argument("--context", type=int, default=32768, help="tokens per sequence (cache length / train length)")
-    p.add_argument("--train", action="store_true", help="training: train rules (FSDP), gradients, AdamW state")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="INT4 QAT training (train rules: FSDP): fake-quant masters, frozen INT4 experts, gradients, AdamW state",
+    )
     p.add_argument("--device", default="h200", choices=sorted(DEVICES), help="accelerator (memory per device)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter/compute dtype")
     p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk length (generation's default)")
+    t = p.add_argument_group("training (--train)")
+    t.add_argument(
+        "--trainable",
+        default=r"^text/",
+        help="trainable_filter regex (k25jax finetune --trainable); experts whose .../master path it matches are "
+        "fake-quant masters, the others stay INT4 (default: ^text/, every text parameter and expert)",
+    )
+    t.add_argument(
+        "--train-layers",
+        type=_layers,
+        default=None,
+        metavar="A:B",
+        help="only MoE layers A <= i < B have trainable experts (arithmetic: the code trains whole stacks today)",
+    )
+    t.add_argument("--master-dtype", default="float32", choices=["float32", "bfloat16"], help="fake-quant masters")
+    t.add_argument(
+        "--optimizer-state-dtype", default="float32", choices=["float32", "bfloat16"], help="AdamW m (v: param dtype)"
+    )
+    t.add_argument("--qat-scales", default="dynamic", choices=list(SCALE_MODES), help="fake-quant scale mode")
+    t.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (MultiSteps buffer)")
+    t.add_argument("--remat", default="full", choices=list(REMAT_POLICIES), help="RunConfig.remat (default full)")
+    t.add_argument(
+        "--attention-block",
+        type=int,
+        default=getattr(RunConfig(), "attention_block", None),
+        metavar="N",
+        help="RunConfig.attention_block: blockwise attention with N-token blocks (default: plain, whole scores)",
+    )
     p.set_defaults(func=cmd_plan)

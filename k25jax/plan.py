@@ -3,9 +3,16 @@
 Parameter and cache figures are not formulas: they come from the abstract model (``nnx.eval_shape``) and the
 abstract cache placed with the same sharding functions the real placement uses (``state_shardings``,
 ``cache_spec``), over an :func:`k25jax.sharding.abstract_mesh`, so they equal the real buffer sizes exactly
-(a test checks them against ``addressable_shards`` of a real sharded tiny model and cache). Activations,
-gradients and optimizer state are estimates from stated formulas (:func:`activation_bytes`,
-:func:`training_bytes`).
+(a test checks them against ``addressable_shards`` of a real sharded tiny model and cache). Activations are
+estimates from stated formulas (:func:`activation_bytes`, :func:`qat_activation_bytes`).
+
+Training for INT4 QAT (:class:`TrainSetup`, :func:`qat_state_bytes`): the abstract model is converted the way
+``k25jax.train`` converts it (``to_fake_quant`` on the experts whose master path the trainable pattern matches,
+then ``trainable_filter``), and the AdamW state is ``optax``'s own ``init`` traced abstractly over the trainable
+part: masters, gradients, optimizer state, frozen INT4 experts and other parameters equal the real buffers exactly
+(``tests/test_plan_train.py``). ``TrainSetup.train_layers`` (experts of some MoE layers only) is arithmetic: the
+model stacks its MoE layers, so the real code converts and trains whole stacks; the planner counts the chosen
+layers' experts as masters and the others as packed INT4, exact per layer because the layer axis is never sharded.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k25jax.cache import LatentCache
-from k25jax.config import K25Config, RunConfig
+from k25jax.config import REMAT_POLICIES, K25Config, RunConfig
 from k25jax.quant import Int4Packed, Int4Scales
 from k25jax.sharding import (
     COMPUTE_RULES,
@@ -172,6 +179,269 @@ def training_bytes(cfg: K25Config, mesh: AnyMesh, batch: int, context: int, laye
     }
 
 
+# --------------------------------------------------------------------------------------------------------
+# INT4 QAT: fake-quant masters of the trainable experts, frozen INT4 experts, AdamW state, activations by remat
+# --------------------------------------------------------------------------------------------------------
+
+MASTERS = "trainable expert masters"
+FROZEN_MASTERS = "frozen expert masters"
+FQ_SCALES = "fake-quant expert scales"
+INT4_FROZEN = "frozen INT4 experts (words + scales)"
+OTHER_TRAINABLE = "other parameters, trainable"
+OTHER_FROZEN = "other parameters, frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What a QAT run trains and how, in the terms of ``k25jax.train`` (``FinetuneConfig``, ``RunConfig``).
+
+    Attributes:
+      trainable: the ``trainable_filter`` pattern (regex searched in ``"text/moe_layers/attn/q_a_proj"``-style
+        paths); routed experts whose ``.../master`` path it matches become fake-quant (as the trainer decides).
+      train_layers: ``(a, b)``: only MoE layers ``a <= i < b`` (of ``num_moe_layers``) have trainable experts, the
+        others keep packed INT4 experts. Arithmetic only: the real code trains whole stacks (``None``: all layers).
+      master_dtype: the fake-quant masters' dtype (``to_fake_quant(master_dtype=)``).
+      state_dtype: AdamW's first moment ``m`` (``OptimizerConfig.state_dtype``); the second moment ``v`` has each
+        parameter's own dtype (optax's ``scale_by_adam``).
+      scales: the fake-quant scale mode (``"learned"`` scales are trainable parameters too).
+      accumulate: micro-batches per optimizer step (``optax.MultiSteps`` keeps a gradient accumulator).
+      remat: ``RunConfig.remat``; attention_block: ``RunConfig.attention_block`` (None: plain attention, the whole
+        ``[B, H, T, T]`` scores; else the blockwise form, one ``[B, H, block, block]`` block at a time).
+    """
+
+    trainable: str = r"^text/"
+    train_layers: tuple[int, int] | None = None
+    master_dtype: str = "float32"
+    state_dtype: str = "float32"
+    grid: str = "kimi"
+    scales: str = "dynamic"
+    accumulate: int = 1
+    remat: str = "full"
+    attention_block: int | None = None
+
+    def layers(self, moe_layers: int) -> int:
+        """How many MoE layers have trainable experts (checks ``train_layers``)."""
+        if self.train_layers is None:
+            return moe_layers
+        a, b = self.train_layers
+        if not 0 <= a <= b <= moe_layers:
+            raise ValueError(f"--train-layers {a}:{b}: expected 0 <= A <= B <= {moe_layers} (the MoE layers)")
+        return b - a
+
+    def describe(self, moe_layers: int) -> str:
+        a, b = self.train_layers or (0, moe_layers)
+        block = "plain (whole scores)" if self.attention_block is None else f"blockwise, block {self.attention_block}"
+        return (
+            f"QAT: trainable {self.trainable!r}; experts of MoE layers {a}:{b} ({b - a} of {moe_layers}) as "
+            f"{self.master_dtype} fake-quant masters ({self.grid} grid, {self.scales} scales); AdamW m "
+            f"{self.state_dtype}, v in the parameter dtype; remat {self.remat}; attention {block}"
+        )
+
+
+def trained_expert_paths(model) -> list[str]:
+    """Routed-expert weight paths of ``model`` (``"text/moe_layers/mlp/experts/gate_proj"``)."""
+    from k25jax.moe import Experts
+
+    return [
+        "/".join(map(str, path)) + f"/{name}"
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, Experts)
+        for name in Experts.WEIGHTS
+    ]
+
+
+def qat_model(cfg: K25Config, setup: TrainSetup, dtype=jnp.bfloat16, base=None):
+    """The abstract model as the QAT trainer holds it: experts whose master path ``setup.trainable`` matches are
+    fake-quant (``to_fake_quant``), the rest INT4. ``base``: the abstract unconverted model, if already built.
+    Returns ``(model, converted expert paths)``."""
+    from k25jax.train.qat import to_fake_quant
+
+    regex = re.compile(setup.trainable)
+    base = base if base is not None else nnx.eval_shape(lambda: _build(cfg, dtype))
+    chosen = [p for p in trained_expert_paths(base) if regex.search(p + "/master")]
+
+    def build():
+        model = _build(cfg, dtype)
+        if chosen:
+            exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
+            to_fake_quant(model, experts=exact, grid=setup.grid, scales=setup.scales, master_dtype=setup.master_dtype)
+        return model
+
+    return nnx.eval_shape(build), chosen
+
+
+def _per_layers(nbytes: int, stacked: int, layers: int) -> int:
+    """Bytes of ``layers`` of a stack of ``stacked`` layers (exact: the layer axis is never sharded)."""
+    if nbytes % stacked:
+        raise ValueError(f"planner: {nbytes} bytes do not split evenly over {stacked} stacked layers")
+    return nbytes // stacked * layers
+
+
+def qat_state_bytes(cfg: K25Config, mesh: AnyMesh, setup: TrainSetup, dtype=jnp.bfloat16):
+    """Per-device bytes of a QAT run's state under the train rules: ``(params by category, gradients, optimizer)``.
+
+    Categories: :data:`MASTERS` (fake-quant masters of the trainable experts), :data:`FQ_SCALES` (their scales),
+    :data:`INT4_FROZEN` (packed words + scales of the experts not trained), :data:`OTHER_TRAINABLE`,
+    :data:`OTHER_FROZEN`. Gradients: one per trainable element in its dtype. Optimizer: ``jax.eval_shape`` of the
+    ``OptimizerConfig`` chain's ``init`` over the trainable part, each moment placed like its parameter, counters
+    replicated.
+    """
+    from k25jax.train.fakequant import LearnedScale, QuantScale
+    from k25jax.train.qat import trainable_filter
+    from k25jax.train.step import OptimizerConfig
+
+    moe_layers = cfg.text.num_moe_layers
+    trained = setup.layers(moe_layers)
+    int4 = nnx.eval_shape(lambda: _build(cfg, dtype))
+    model, chosen = qat_model(cfg, setup, dtype, base=int4)
+    flt = trainable_filter(setup.trainable)
+    _, trainable, _ = nnx.split(model, flt, ...)
+    trainable_keys = {tuple(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    shardings = dict(nnx.to_flat_state(state_shardings(model, mesh, "train")))
+
+    def held(var, path) -> int:
+        spec = shardings[path].get_value().spec
+        return shard_bytes(tuple(var.shape), var.dtype, spec, mesh)
+
+    params: dict[str, int] = {}
+    grads = 0
+    scale_of: dict[tuple, int] = {}  # trainable leaf path -> layers counted, for the optimizer state below
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        key = tuple(map(str, path))
+        n = held(var, path)
+        converted = "/".join(key[:-1]) in chosen
+        if converted:
+            n = _per_layers(n, moe_layers, trained)
+            scale_of[key] = trained
+        is_trainable = key in trainable_keys
+        if converted and key[-1] == "master":
+            cat = MASTERS if is_trainable else FROZEN_MASTERS
+        elif isinstance(var, QuantScale | LearnedScale):
+            cat = FQ_SCALES
+        elif isinstance(var, Int4Packed | Int4Scales):
+            cat = INT4_FROZEN
+        else:
+            cat = OTHER_TRAINABLE if is_trainable else OTHER_FROZEN
+        params[cat] = params.get(cat, 0) + n
+        if is_trainable:
+            grads += n
+    if chosen and trained < moe_layers:  # the converted weights' layers left packed
+        int4_shardings = dict(nnx.to_flat_state(state_shardings(int4, mesh, "train")))
+        for path, var in nnx.to_flat_state(nnx.state(int4)):
+            if "/".join(map(str, path[:-1])) in chosen:
+                n = shard_bytes(tuple(var.shape), var.dtype, int4_shardings[path].get_value().spec, mesh)
+                params[INT4_FROZEN] = params.get(INT4_FROZEN, 0) + _per_layers(n, moe_layers, moe_layers - trained)
+    tx = OptimizerConfig(state_dtype=setup.state_dtype, accumulate=setup.accumulate).build()
+    opt = jax.eval_shape(tx.init, trainable)
+    specs = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(state_shardings(trainable, mesh, "train"))[0]:
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        specs[tuple(path)] = (sharding.spec, scale_of.get(names[:-1], moe_layers))
+    optimizer = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt)[0]:
+        for i in range(len(path)):
+            if tuple(path[i:]) in specs:  # a moment of a parameter: placed like it
+                spec, layers = specs[tuple(path[i:])]
+                n = shard_bytes(tuple(leaf.shape), leaf.dtype, spec, mesh)
+                optimizer += n if layers == moe_layers else _per_layers(n, moe_layers, layers)
+                break
+        else:  # step counters: replicated
+            optimizer += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+    return params, grads, optimizer
+
+
+def qat_activation_bytes(
+    cfg: K25Config,
+    mesh: AnyMesh,
+    batch: int,
+    context: int,
+    *,
+    remat: str = "full",
+    attention_block: int | None = None,
+    dtype_bytes: int = 2,
+    master_layer_values: int = 0,
+) -> dict[str, int]:
+    """Activations of one QAT train step (estimate), by term; ``context`` tokens per sequence.
+
+    Per device: ``b`` local sequences, ``n = b T`` tokens, ``Hl`` heads; the MoE sees ``N = n g`` tokens (``g``: the
+    expert axes the batch is split over, whose tokens are gathered) and holds ``N min(k, E_local)`` rows (the
+    dropless buffer). One MoE layer's forward intermediates that its backward reads (``layer``):
+
+    - attention: ``n d (2D + 2Q + 2 Hl (Kn + R) + 2 (C + R) + Hl (Kn + Kv) + Hl Kv)`` (normed input and output,
+      c_q and its norm, q before / after rope, latents, expanded keys and values, attention output) plus the scores:
+      plain ``b Hl T^2 (4 + 4 + d)`` (float32 scores, float32 probabilities, probabilities in the compute dtype);
+      blockwise ``b Hl T 8`` (row max and sum) plus one block ``b Hl block^2 (4 + 4 + d)``, the blocked copies of
+      q, k, v, o ``n Hl (2 (Kn + R) + 2 Kv) d`` and float32 dq, dk, dv ``n Hl (2 (Kn + R) + Kv) 4``;
+    - MoE: ``n d D`` (normed input) + ``n E 8`` (router logits, scores) + ``N D (d + 4)`` (gathered tokens, the
+      float32 combine) + rows ``(D d + F_l (4 + 4 + d) + D 4)`` (row inputs, float32 gate / up, SwiGLU product,
+      float32 down) + shared expert ``n (3 Fs_l + D) d``.
+
+    Saved per layer for the backward pass, by ``remat``: ``"none"`` the whole ``layer``; ``"full"`` the layer input
+    ``n D d``; ``"dots_no_batch"`` that plus the matmul outputs without batch dims (q_a, q_b, kv_a, k / v
+    expansion, o_proj, router, shared expert: ``n d (Q + Hl (Kn + R) + C + R + Hl (Kn + Kv) + D + 2 Fs_l + D) + n E
+    4``; the routed experts' ``ragged_dot`` is not a ``dot_general`` and is recomputed); ``"dots"`` that plus
+    the batched score and value matmuls of plain attention (``2 b Hl T^2 4 + n Hl Kv d``; blockwise attention's are
+    inside its ``custom_vjp`` loop and recomputed). Live while one layer's backward runs: its recomputed forward and
+    gradients of about the same size (``2 layer``; ``layer`` under ``"none"``, whose forward is saved). Every layer is
+    counted as an MoE layer (the dense layer's MLP is smaller). Logits: float32 logits, log-softmax and their
+    gradient, ``3 n V / tensor 4``. Expert weights at use: one layer's local experts gathered to the compute layout
+    (``E_local 3 D F_l``) in the compute dtype with a float32 gradient (or, frozen INT4 on the XLA path, a
+    dequantized copy), plus the fake-quant float32 temporaries (grouped master, ``q``, ``q s``: 12 bytes per element)
+    of ``master_layer_values``, one layer's fake-quant master elements on this device.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"--remat {remat!r} is not one of {REMAT_POLICIES}")
+    if attention_block is not None and attention_block < 1:
+        raise ValueError(f"--attention-block must be positive, got {attention_block}")
+    t, d = cfg.text, dtype_bytes
+    b = batch // _split(("batch",), (batch,), mesh)
+    T, n = context, b * context
+    H = t.num_attention_heads // _split((None, "act_heads"), (1, t.num_attention_heads), mesh)
+    D, Q, C, R = t.hidden_size, t.q_lora_rank or 0, t.kv_lora_rank, t.qk_rope_head_dim
+    Kn, Kv, E = t.qk_nope_head_dim, t.v_head_dim, t.n_routed_experts
+    expert_shards = _split(("experts",), (E,), mesh)
+    F = t.moe_intermediate_size // _split(("expert_mlp",), (t.moe_intermediate_size,), mesh)
+    shared = t.n_shared_experts * t.moe_intermediate_size
+    Fs = shared // _split((None, "act_mlp"), (1, shared), mesh) if shared else 0
+    token = logical_spec(("batch",), (batch,), mesh, COMPUTE_RULES, fit=True)[0]
+    token_axes = () if token is None else (token,) if isinstance(token, str) else token
+    expert_axes = logical_spec(("experts",), (E,), mesh, COMPUTE_RULES)[0] or ()
+    expert_axes = (expert_axes,) if isinstance(expert_axes, str) else expert_axes
+    N = n * math.prod(mesh.shape[a] for a in expert_axes if a in token_axes)
+    rows = N * min(t.num_experts_per_tok, E // expert_shards)
+    if attention_block is None:
+        scores = b * H * T * T * (4 + 4 + d)
+        batched_dots = 2 * b * H * T * T * 4 + n * H * Kv * d
+    else:
+        block = min(attention_block, T)
+        # row max and sum, one block's scores, the blocked copies of q, k, v and o, float32 dq, dk, dv accumulators
+        scores = b * H * T * 8 + b * H * block * block * (4 + 4 + d)
+        scores += n * H * (2 * (Kn + R) + 2 * Kv) * d + n * H * (2 * (Kn + R) + Kv) * 4
+        batched_dots = 0
+    attention = n * d * (2 * D + 2 * Q + 2 * H * (Kn + R) + 2 * (C + R) + H * (Kn + Kv) + H * Kv) + scores
+    moe = n * d * D + n * E * 8 + N * D * (d + 4) + rows * (D * d + F * (4 + 4 + d) + D * 4) + n * (3 * Fs + D) * d
+    layer = attention + moe
+    boundary = n * D * d
+    unbatched_dots = n * d * (Q + H * (Kn + R) + C + R + H * (Kn + Kv) + D + 2 * Fs + D) + n * E * 4
+    saved = {
+        "none": layer,
+        "full": boundary,
+        "dots_no_batch": boundary + unbatched_dots,
+        "dots": boundary + unbatched_dots + batched_dots,
+    }[remat]
+    layers = t.num_hidden_layers
+    live = 1 if remat == "none" else 2  # under "none" the forward is among the saved values already
+    weights = E // expert_shards * 3 * D * F * (d + 4) + 12 * master_layer_values
+    vocab = t.vocab_size // _split((None, "act_vocab"), (1, t.vocab_size), mesh)
+    return {
+        f"saved for backward ({layers} layers)": layers * saved,
+        "one layer's backward: attention": live * attention,
+        "one layer's backward: MoE rows": live * moe,
+        "one layer's experts at use": weights,
+        "logits, log-softmax, gradient (f32)": 3 * n * vocab * 4,
+    }
+
+
 @dataclasses.dataclass
 class Plan:
     model: str
@@ -186,6 +456,7 @@ class Plan:
     gradients: int = 0
     optimizer: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
+    setup: str | None = None  # the QAT setup line (training with a TrainSetup)
 
     @property
     def total(self) -> int:
@@ -207,6 +478,7 @@ class Plan:
             f"model {self.model}, {mode}",
             f"mesh {mesh} = {devices} devices of {self.device.note}",
             f"batch {self.batch}, context {self.context} tokens",
+            *([self.setup] if self.setup else []),
             "",
             "per device:",
         ]
@@ -217,7 +489,8 @@ class Plan:
         row("parameters", sum(self.params.values()))
         for k, v in sorted(self.params.items(), key=lambda kv: -kv[1]):
             row(k, v, 4)
-        row("latent KV cache", self.cache)
+        if not self.train:
+            row("latent KV cache", self.cache)
         row("activations (estimate)", sum(self.activations.values()))
         for k, v in self.activations.items():
             row(k, v, 4)
@@ -245,14 +518,21 @@ def plan(
     dtype=jnp.bfloat16,
     cache_dtype=jnp.bfloat16,
     prefill_chunk: int = 512,
+    qat: TrainSetup | None = None,
 ) -> Plan:
     """Plan ``cfg`` on a mesh of ``mesh`` sizes (axis name -> size). Parameters in ``dtype`` except INT4 experts
-    (when the config is quantized) and the float32 router bias; the cache in ``cache_dtype``."""
+    (when the config is quantized) and the float32 router bias; the cache in ``cache_dtype``.
+
+    ``train=True`` with ``qat``: INT4 QAT as ``k25jax.train`` runs it (:func:`qat_state_bytes`,
+    :func:`qat_activation_bytes`). Without ``qat``: the older estimate (INT4 experts frozen, every other floating
+    parameter trainable, 8 bytes of AdamW state per trainable parameter, per-layer remat, plain attention)."""
     if device not in DEVICES:
         raise ValueError(f"--device {device!r}: known devices are {', '.join(DEVICES)}")
     if batch < 1 or context < 1:
         raise ValueError(f"batch ({batch}) and context ({context}) must be positive")
     amesh = abstract_mesh(**mesh)
+    if train and qat is not None:
+        return _qat_plan(cfg, mesh, amesh, batch, context, DEVICES[device], dtype, qat)
     model = nnx.eval_shape(lambda: _build(cfg, dtype))
     strategy = "train" if train else "inference"
     params = param_bytes(model, amesh, strategy)
@@ -285,6 +565,38 @@ def plan(
             f"local experts first: +{dequantized / GB:.2f} GB"
         )
     p.notes = notes
+    return p
+
+
+def _qat_plan(cfg, mesh, amesh, batch, context, device: Device, dtype, setup: TrainSetup) -> Plan:
+    params, grads, optimizer = qat_state_bytes(cfg, amesh, setup, dtype)
+    moe_layers = cfg.text.num_moe_layers
+    trained = setup.layers(moe_layers) if params.get(MASTERS) else 0
+    master_values = params.get(MASTERS, 0) // max(1, trained) // jnp.dtype(setup.master_dtype).itemsize
+    acts = qat_activation_bytes(
+        cfg,
+        amesh,
+        batch,
+        context,
+        remat=setup.remat,
+        attention_block=setup.attention_block,
+        dtype_bytes=jnp.dtype(dtype).itemsize,
+        master_layer_values=master_values,
+    )
+    p = Plan(cfg.name, mesh, batch, context, True, device, params, 0, acts, grads, optimizer)
+    p.setup = setup.describe(moe_layers)
+    p.notes = [
+        "parameters, gradients and optimizer state are exact: the abstract model converted as k25jax.train converts "
+        "it (to_fake_quant, trainable_filter), placed by the train rules; optax's AdamW init traced over the "
+        f"trainable part (m {setup.state_dtype}, v in each parameter's dtype, counters replicated)",
+        "activations: estimate (qat_activation_bytes); the MoE row buffer is dropless (tokens x min(k, local "
+        "experts) rows): a batch split over the expert axis gathers the expert group's tokens and multiplies it",
+    ]
+    if setup.train_layers is not None:
+        p.notes.append(
+            "--train-layers is arithmetic: the model stacks its MoE layers and k25jax.train converts and trains whole "
+            "stacks today (the chosen layers' experts counted as masters, the others as packed INT4)"
+        )
     return p
 
 

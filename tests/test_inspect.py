@@ -81,3 +81,14 @@ def test_full_size_counts_without_weights():
     assert sum(_params(text_only).values()) == count_params(
         abstract_model(text_only, RunConfig(compute_dtype=jnp.bfloat16))
     )
+
+
+def test_inspect_grid_reads_releases_only(dirs, capsys):
+    """``--grid`` on the compressed-tensors release says so; on a checkpoint it is an input error (exit 2)."""
+    _, release, ckpt = dirs
+    report = inspect_path(release, grid=True)
+    assert report["grid"]["verdict"] == "compressed-tensors" and report["problem"] is None
+    assert main(["inspect", release, "--grid", "--quiet"]) == 0
+    assert "INT4 grid: compressed-tensors" in capsys.readouterr().out
+    assert main(["inspect", ckpt, "--grid"]) == 2
+    assert "--grid audits a release directory" in capsys.readouterr().err
