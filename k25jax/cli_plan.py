@@ -34,16 +34,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dtypes = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     qat = None
     if args.train:
-        qat = TrainSetup(
-            trainable=args.trainable,
-            train_layers=args.train_layers,
-            master_dtype=args.master_dtype,
-            state_dtype=args.optimizer_state_dtype,
-            scales=args.qat_scales,
-            accumulate=args.accumulate,
-            remat=args.remat,
-            attention_block=args.attention_block,
-        )
+        fields = {
+            "trainable": "trainable",
+            "train_layers": "train_layers",
+            "master_dtype": "master_dtype",
+            "state_dtype": "optimizer_state_dtype",
+            "scales": "qat_scales",
+            "accumulate": "accumulate",
+            "remat": "remat",
+            "attention_block": "attention_block",
+        }  # TrainSetup field: flag
+        qat = TrainSetup(**{field: getattr(args, flag) for field, flag in fields.items()})
     try:
         p = plan(
             _config(args.model),

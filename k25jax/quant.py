@@ -157,9 +157,27 @@ def device_to_release(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarra
 # --- the on-device type -----------------------------------------------------------------------------------------
 
 
+class WeightValue:
+    """What every weight value type the expert op takes shares (:class:`Int4Array`, the QAT fake-quant and LoRA
+    types): ``ndim`` from ``shape``, and indexing of the leading (layer, expert) axes only."""
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def leading_index(self, index) -> tuple:
+        """``index`` as a tuple over leading axes; the last two (``K``, ``N``) are not indexable."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > self.ndim - 2 or any(i is Ellipsis or i is None for i in index):
+            raise IndexError(
+                f"{type(self).__name__} of shape {self.shape}: only its leading axes can be indexed, got {index}"
+            )
+        return index
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Int4Array:
+class Int4Array(WeightValue):
     """An INT4 weight ``W [..., K, N]``: ``packed int32 [..., K/8, N]`` and ``scales [..., K/32, 1, N]``.
 
     ``W[..., k, n] = q[..., k, n] * scales[..., k // 32, 0, n]`` with ``q`` the signed nibble ``k % 8`` of word
@@ -175,10 +193,6 @@ class Int4Array:
         return int4_layout.logical_shape(tuple(self.packed.shape))
 
     @property
-    def ndim(self) -> int:
-        return len(self.packed.shape)
-
-    @property
     def size(self) -> int:
         """Logical element count."""
         return math.prod(self.shape)
@@ -190,9 +204,7 @@ class Int4Array:
 
     def __getitem__(self, index) -> Int4Array:
         """Index leading (layer / expert) axes: ``w[3]``, ``w[:, 0]``. The last two axes are not indexable."""
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > self.ndim - 2 or any(i is Ellipsis or i is None for i in index):
-            raise IndexError(f"Int4Array of shape {self.shape}: only its leading axes can be indexed, got {index}")
+        index = self.leading_index(index)
         return Int4Array(self.packed[index], self.scales[index])
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -252,7 +264,31 @@ class Int4Scales(nnx.Param):
         return 0
 
 
-class Int4Weight(nnx.Module):
+class WeightModule(nnx.Module):
+    """How a weight value type sits in a model: ``weight[...]`` is the value (:meth:`value`, a :class:`WeightValue`),
+    ``weight.shape`` its logical shape; the parameters themselves are the module's variables."""
+
+    def value(self) -> WeightValue:
+        raise NotImplementedError
+
+    @staticmethod
+    def read(part):
+        """A variable's value (also on an abstract model, whose leaves are ``ShapeDtypeStruct``s), or a nested
+        weight module's value."""
+        return part.get_value() if isinstance(part, nnx.Variable) else part.value()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value().shape)
+
+    def __getitem__(self, index) -> WeightValue:
+        if index is not Ellipsis:
+            value = type(self).__name__.replace("Weight", "Array")
+            raise IndexError(f"{type(self).__name__}: use weight[...] for its {value} value (then index that)")
+        return self.value()
+
+
+class Int4Weight(WeightModule):
     """An INT4 weight parameter of logical shape ``[..., K, N]`` with logical ``axes`` (one per logical dim).
 
     ``weight[...]`` is the :class:`Int4Array` value; ``weight.shape`` the logical shape. Build one from
@@ -274,11 +310,5 @@ class Int4Weight(nnx.Module):
             raise ValueError(f"{what}: INT4 weights need shape [..., K, N] with K a multiple of {GROUP}, got {w.shape}")
         return cls(Int4Array.from_float(w, scale_dtype), axes, what=what)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return int4_layout.logical_shape(tuple(self.packed.shape))
-
-    def __getitem__(self, index) -> Int4Array:
-        if index is not Ellipsis:
-            raise IndexError("Int4Weight: use weight[...] for its Int4Array value (then index that)")
-        return Int4Array(self.packed[...], self.scales[...])
+    def value(self) -> Int4Array:
+        return Int4Array(self.read(self.packed), self.read(self.scales))

@@ -4,15 +4,14 @@ the attention scale, the causal mask, and the absorbed form over a latent cache.
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from k25jax import cache as kv_cache
-from k25jax.attention import MLA, Positions, causal_mask
+from k25jax.attention import Positions, causal_mask
 from k25jax.config import tiny
-from k25jax.layers import INIT_STD
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
 
 from configs import no_q_lora
+from tiny_models import scaled_mla
 
 REL = 1e-5  # float32: max |diff| <= REL x max |reference|
 WEIGHT_STD = (
@@ -21,12 +20,7 @@ WEIGHT_STD = (
 
 
 def _mla(cfg, seed=0):
-    attn = MLA(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "k_up", "v_up", "o_proj"):
-        if hasattr(attn, name):
-            weight = getattr(attn, name)
-            weight[...] = weight[...] * (WEIGHT_STD / INIT_STD)
-    return attn
+    return scaled_mla(cfg, seed, WEIGHT_STD)
 
 
 def _positions(cfg, positions, mask=None):

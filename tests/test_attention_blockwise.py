@@ -14,23 +14,18 @@ from k25jax.attention import MLA, Positions, causal_mask
 from k25jax.cache import LatentCache
 from k25jax.config import ConfigError, RunConfig, tiny
 from k25jax.generate import extend, prefill
-from k25jax.layers import INIT_STD
 from k25jax.quant import Int4Scales
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
 
 from configs import no_q_lora
+from tiny_models import scaled_mla
 
 REL = 1e-5  # float32: max |diff| <= REL x max |plain form|, values and every gradient array
 WEIGHT_STD = 0.2  # as in test_attention.py: scores of order 1, far from a uniform softmax
 
 
 def _mla(cfg, seed=0):
-    attn = MLA(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "k_up", "v_up", "o_proj"):
-        if hasattr(attn, name):
-            weight = getattr(attn, name)
-            weight[...] = weight[...] * (WEIGHT_STD / INIT_STD)
-    return attn
+    return scaled_mla(cfg, seed, WEIGHT_STD)
 
 
 def _rel(a, b):

@@ -147,37 +147,26 @@ def test_readme_plans(capsys):
     """The README's QAT plans: K2.5 at 32K context fits on 64 x H200 with the experts of 6 layers trainable, and
     on 256 x H200 with all of them."""
     cfg = k25()
-    some = plan(
-        cfg,
-        dict(fsdp=2, expert=8, tensor=4),
-        batch=2,
-        context=32768,
-        train=True,
-        device="h200",
-        qat=TrainSetup(trainable="experts", train_layers=(54, 60), state_dtype="bfloat16", attention_block=512),
-    )
-    assert some.fits, some.report()
-    every = plan(
-        cfg,
-        dict(fsdp=8, expert=8, tensor=4),
-        batch=8,
-        context=32768,
-        train=True,
-        device="h200",
-        qat=TrainSetup(master_dtype="bfloat16", state_dtype="bfloat16", attention_block=512),
-    )
-    assert every.fits, every.report()
+
+    def qat_plan(mesh, batch, device, **setup):
+        return plan(cfg, mesh, batch=batch, context=32768, train=True, device=device, qat=TrainSetup(**setup))
+
+    bf16 = dict(master_dtype="bfloat16", state_dtype="bfloat16", attention_block=512)
+    setups = {  # name: (mesh, batch, device, QAT setup)
+        "some": (
+            dict(fsdp=2, expert=8, tensor=4),
+            2,
+            "h200",
+            dict(trainable="experts", train_layers=(54, 60), state_dtype="bfloat16", attention_block=512),
+        ),
+        "every": (dict(fsdp=8, expert=8, tensor=4), 8, "h200", bf16),
+        "v5p": (dict(fsdp=8, expert=16, tensor=8), 8, "v5p", bf16),
+    }
+    plans = {name: qat_plan(mesh, batch, device, **setup) for name, (mesh, batch, device, setup) in setups.items()}
+    for name, p in plans.items():
+        assert p.fits, (name, p.report())
+    some, every, v5p = plans["some"], plans["every"], plans["v5p"]
     assert every.params[MASTERS] == 60 * 384 * 3 * 7168 * 2048 * 2 // 256  # bf16 masters of every expert, 1/256
-    v5p = plan(
-        cfg,
-        dict(fsdp=8, expert=16, tensor=8),
-        batch=8,
-        context=32768,
-        train=True,
-        device="v5p",
-        qat=TrainSetup(master_dtype="bfloat16", state_dtype="bfloat16", attention_block=512),
-    )
-    assert v5p.fits, v5p.report()
     plain = plan(cfg, dict(fsdp=8, expert=8), batch=64, context=32768, train=True, device="h200", qat=TrainSetup())
     assert not plain.fits and plain.activations["one layer's backward: attention"] > 1e12
     # the README's table

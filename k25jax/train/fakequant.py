@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k25jax.quant import SCALE_DTYPE, Int4Array
+from k25jax.quant import SCALE_DTYPE, Int4Array, WeightModule, WeightValue
 from k25jax.sharding import check_axes
 from pallas_kernels import int4_layout
 from pallas_kernels.int4_matmul.reference import precision
@@ -139,7 +139,7 @@ fake_quant.defvjp(_fq_fwd, _fq_bwd)
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class FakeQuantArray:
+class FakeQuantArray(WeightValue):
     """A fake-quantized weight value ``[..., K, N]``: float ``master`` and ``scales [..., K/32, 1, N]`` (unused in
     ``"dynamic"`` mode, where they are recomputed from the master), with the ``grid`` and ``mode`` static."""
 
@@ -151,10 +151,6 @@ class FakeQuantArray:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.master.shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.master.shape)
 
     def leaf_axes(self, axes: tuple[str | None, ...]) -> FakeQuantArray:
         """Per-leaf logical axes (the master the weight's, the scales those of INT4 scales)."""
@@ -170,9 +166,7 @@ class FakeQuantArray:
 
     def __getitem__(self, index) -> FakeQuantArray:
         """Index leading (layer / expert) axes, as :class:`~k25jax.quant.Int4Array` does."""
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > self.ndim - 2 or any(i is Ellipsis or i is None for i in index):
-            raise IndexError(f"FakeQuantArray of shape {self.shape}: only its leading axes can be indexed, got {index}")
+        index = self.leading_index(index)
         return FakeQuantArray(self.master[index], self.scales[index], self.grid, self.mode)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
@@ -203,7 +197,7 @@ class LearnedScale(nnx.Param):
     """Group scales trained with the LSQ gradient."""
 
 
-class FakeQuantWeight(nnx.Module):
+class FakeQuantWeight(WeightModule):
     """A fake-quant INT4 weight in a model: ``weight[...]`` is the :class:`FakeQuantArray`; ``weight.shape`` the
     logical shape. The master carries the weight's logical axes; the scales those of INT4 scales."""
 
@@ -220,11 +214,5 @@ class FakeQuantWeight(nnx.Module):
         scale_type = LearnedScale if value.mode == "learned" else QuantScale
         self.scales = scale_type(value.scales, out_sharding=scale_axes, eager_sharding=False)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.master.shape)
-
-    def __getitem__(self, index) -> FakeQuantArray:
-        if index is not Ellipsis:
-            raise IndexError("FakeQuantWeight: use weight[...] for its FakeQuantArray value (then index that)")
-        return FakeQuantArray(self.master[...], self.scales[...], self.grid, self.mode)
+    def value(self) -> FakeQuantArray:
+        return FakeQuantArray(self.read(self.master), self.read(self.scales), self.grid, self.mode)

@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 
 from k25jax.moe import Experts
-from k25jax.quant import Int4Array, Int4Weight
+from k25jax.quant import Int4Array, Int4Weight, WeightModule, WeightValue
 from k25jax.sharding import check_axes
 from k25jax.train.fakequant import FakeQuantWeight, quantize_int4
 from k25jax.train.qat import module_path
@@ -78,7 +78,7 @@ def _dequantize(value, dtype) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoRAArray:
+class LoRAArray(WeightValue):
     """A weight value ``W + a @ b * (alpha / r)`` of shape ``[..., K, N]``: ``base`` a plain array or a weight value
     type (:class:`~k25jax.quant.Int4Array`, ...), ``a [..., K, r]``, ``b [..., r, N]`` (same leading axes)."""
 
@@ -90,10 +90,6 @@ class LoRAArray:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.base.shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     @property
     def rank(self) -> int:
@@ -111,9 +107,7 @@ class LoRAArray:
 
     def __getitem__(self, index) -> LoRAArray:
         """Index leading (layer / expert) axes, as :class:`~k25jax.quant.Int4Array` does."""
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > self.ndim - 2 or any(i is Ellipsis or i is None for i in index):
-            raise IndexError(f"LoRAArray of shape {self.shape}: only its leading axes can be indexed, got {index}")
+        index = self.leading_index(index)
         return LoRAArray(self.base[index], self.a[index], self.b[index], self.alpha)
 
     def delta(self) -> jax.Array:
@@ -160,7 +154,7 @@ def weight_axes(weight, what: str) -> tuple[str | None, ...]:
     return tuple(var.get_metadata()["out_sharding"])
 
 
-class LoRAWeight(nnx.Module):
+class LoRAWeight(WeightModule):
     """A weight with LoRA adapters: ``base`` (the weight module as it was: INT4 words and scales untouched),
     ``a [..., K, r]`` and ``b [..., r, N]`` :class:`LoRAParam` s. ``weight[...]`` is the :class:`LoRAArray`."""
 
@@ -186,18 +180,8 @@ class LoRAWeight(nnx.Module):
         a = (jax.random.normal(key, (*lead, k, rank), jnp.float32) / math.sqrt(k)).astype(dtype)
         return cls(base, a, jnp.zeros((*lead, rank, n), dtype), alpha=alpha, what=what)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[-1])
-
-    def __getitem__(self, index) -> LoRAArray:
-        if index is not Ellipsis:
-            raise IndexError("LoRAWeight: use weight[...] for its LoRAArray value (then index that)")
-        return LoRAArray(self.base[...], self.a[...], self.b[...], self.alpha)
+    def value(self) -> LoRAArray:
+        return LoRAArray(self.read(self.base), self.read(self.a), self.read(self.b), self.alpha)
 
 
 @dataclasses.dataclass
@@ -360,7 +344,7 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> str:
     loras = [(where, w) for where, _, _, w in _expert_weights(model) if isinstance(w, LoRAWeight)]
     if not loras:
         raise LoRAError("save_adapters: the model has no LoRA adapters")
-    ranks, alphas = {w.rank for _, w in loras}, {w.alpha for _, w in loras}
+    ranks, alphas = {int(w.a.shape[-1]) for _, w in loras}, {w.alpha for _, w in loras}
     if len(ranks) != 1 or len(alphas) != 1:
         raise LoRAError(f"save_adapters: one rank and alpha per file, got ranks {ranks}, alphas {alphas}")
     tensors = {}

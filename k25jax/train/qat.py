@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from k25jax.moe import Experts
-from k25jax.quant import Int4Array, Int4Packed, Int4Scales, Int4Weight
+from k25jax.quant import Int4Packed, Int4Scales, Int4Weight
 from k25jax.train.fakequant import (
     SCALE_MODES,
     FakeQuantArray,
@@ -46,6 +47,34 @@ class FakeQuantReport:
     kept_int4: list[str] = field(default_factory=list)  # routed-expert weights left packed
 
 
+def expert_weights(model: nnx.Module):
+    """``(module, name, where, weight, axes)`` for every routed-expert weight of ``model`` (``where`` its path,
+    ``axes`` its logical axes, whatever type holds it: float ``nnx.Param``, INT4, fake-quant, or LoRA)."""
+    for path, module in list(nnx.iter_modules(model)):
+        if not isinstance(module, Experts):
+            continue
+        for name in Experts.WEIGHTS:
+            weight = getattr(module, name)
+            yield module, name, f"{module_path(path)}/{name}", weight, weight_axes(weight)
+
+
+def weight_axes(weight) -> tuple:
+    """The logical axes of an expert weight, whatever type holds it."""
+    if isinstance(weight, nnx.Param):
+        return tuple(weight.get_metadata()["out_sharding"])
+    for holder in ("packed", "master", "base"):
+        if hasattr(weight, holder):
+            return weight_axes(getattr(weight, holder))
+    raise QATError(f"an expert weight of type {type(weight).__name__} has no logical axes")
+
+
+def float_value(weight, dtype=jnp.float32) -> jax.Array:
+    """The weight's current value in ``dtype``: INT4 and fake-quant dequantized, LoRA merged (no rounding)."""
+    if isinstance(weight, nnx.Param):
+        return weight[...].astype(dtype)
+    return weight[...].dequantize(jnp.dtype(dtype))
+
+
 def to_fake_quant(
     model: nnx.Module,
     *,
@@ -63,32 +92,20 @@ def to_fake_quant(
     if scales not in SCALE_MODES:
         raise QATError(f"--qat-scales {scales!r} is not one of {SCALE_MODES}")
     the_grid = grid_of(grid)
-    master = jnp.dtype(master_dtype)
     pattern = re.compile(experts)
     report = FakeQuantReport()
-    for path, module in list(nnx.iter_modules(model)):
-        if not isinstance(module, Experts):
-            continue
-        for name in Experts.WEIGHTS:
-            where = f"{module_path(path)}/{name}"
-            weight = getattr(module, name)
-            if isinstance(weight, FakeQuantWeight):
-                raise QATError(f"{where} is already a fake-quant weight")
-            if not pattern.search(where):
-                if isinstance(weight, Int4Weight):
-                    report.kept_int4.append(where)
-                continue
+    for module, name, where, weight, axes in expert_weights(model):
+        if isinstance(weight, FakeQuantWeight):
+            raise QATError(f"{where} is already a fake-quant weight")
+        if not pattern.search(where):
             if isinstance(weight, Int4Weight):
-                value = weight[...]
-                axes = weight.packed.get_metadata()["out_sharding"]
-                masters, group = value.dequantize(master), value.scales
-            else:
-                axes = weight.get_metadata()["out_sharding"]
-                masters = weight[...].astype(master)
-                group = group_scales(masters, the_grid)
-            fake = FakeQuantArray(masters, group, the_grid, scales)
-            setattr(module, name, FakeQuantWeight(fake, axes, what=where))
-            report.converted.append(where)
+                report.kept_int4.append(where)
+            continue
+        masters = float_value(weight, master_dtype)
+        group = weight[...].scales if isinstance(weight, Int4Weight) else group_scales(masters, the_grid)
+        fake = FakeQuantArray(masters, group, the_grid, scales)
+        setattr(module, name, FakeQuantWeight(fake, axes, what=where))
+        report.converted.append(where)
     return report
 
 
@@ -96,16 +113,10 @@ def to_int4(model: nnx.Module) -> list[str]:
     """Replace, in place, every fake-quant weight by the INT4 weight it stands for (``q`` and the scales its forward
     uses), so the model is an INT4 model again (and exports as a release). Returns the converted paths."""
     done = []
-    for path, module in list(nnx.iter_modules(model)):
-        if not isinstance(module, Experts):
-            continue
-        for name in Experts.WEIGHTS:
-            weight = getattr(module, name)
-            if isinstance(weight, FakeQuantWeight):
-                axes = weight.master.get_metadata()["out_sharding"]
-                value: Int4Array = weight[...].to_int4()
-                setattr(module, name, Int4Weight(value, axes, what=f"{module_path(path)}/{name}"))
-                done.append(f"{module_path(path)}/{name}")
+    for module, name, where, weight, axes in expert_weights(model):
+        if isinstance(weight, FakeQuantWeight):
+            setattr(module, name, Int4Weight(weight[...].to_int4(), axes, what=where))
+            done.append(where)
     return done
 
 
@@ -113,20 +124,9 @@ def quantize_experts(model: nnx.Module, grid: str = "kimi") -> list[str]:
     """Re-quantize, in place, every routed-expert weight on ``grid`` from its current value (a float weight, or the
     dequantized INT4 one): e.g. to make a ``kimi``-grid model from a randomly initialised one. Returns the paths."""
     done = []
-    for path, module in list(nnx.iter_modules(model)):
-        if not isinstance(module, Experts):
-            continue
-        for name in Experts.WEIGHTS:
-            weight = getattr(module, name)
-            if isinstance(weight, Int4Weight):
-                axes, value = weight.packed.get_metadata()["out_sharding"], weight[...].dequantize(jnp.float32)
-            elif isinstance(weight, FakeQuantWeight):
-                axes, value = weight.master.get_metadata()["out_sharding"], weight.master[...].astype(jnp.float32)
-            else:
-                axes, value = weight.get_metadata()["out_sharding"], weight[...].astype(jnp.float32)
-            where = f"{module_path(path)}/{name}"
-            setattr(module, name, Int4Weight(quantize_int4(value, grid), axes, what=where))
-            done.append(where)
+    for module, name, where, weight, axes in expert_weights(model):
+        setattr(module, name, Int4Weight(quantize_int4(float_value(weight), grid), axes, what=where))
+        done.append(where)
     return done
 
 
@@ -134,17 +134,10 @@ def to_float_experts(model: nnx.Module, dtype="float32") -> list[str]:
     """Replace, in place, INT4 and fake-quant expert weights by plain float parameters (their dequantized values):
     the starting point of a float fine-tune that is quantized afterwards (post-training quantization)."""
     done = []
-    for path, module in list(nnx.iter_modules(model)):
-        if not isinstance(module, Experts):
-            continue
-        for name in Experts.WEIGHTS:
-            weight = getattr(module, name)
-            if isinstance(weight, Int4Weight | FakeQuantWeight):
-                holder = weight.packed if isinstance(weight, Int4Weight) else weight.master
-                axes = holder.get_metadata()["out_sharding"]
-                value = weight[...].dequantize(jnp.dtype(dtype))
-                setattr(module, name, nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False))
-                done.append(f"{module_path(path)}/{name}")
+    for module, name, where, weight, axes in expert_weights(model):
+        if isinstance(weight, Int4Weight | FakeQuantWeight):
+            setattr(module, name, nnx.Param(float_value(weight, dtype), out_sharding=axes, eager_sharding=False))
+            done.append(where)
     return done
 
 

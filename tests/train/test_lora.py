@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import k25jax
-from k25jax.config import RunConfig, tiny
+from k25jax.config import RunConfig
 from k25jax.moe import Experts
 from k25jax.quant import Int4Array, Int4Weight
 from k25jax.train.fakequant import quantize_int4
@@ -26,7 +26,7 @@ from k25jax.train.lora import (
     save_adapters,
     strip_lora,
 )
-from k25jax.train.qat import quantize_experts, trainable_paths
+from k25jax.train.qat import trainable_paths
 from k25jax.train.step import OptimizerConfig, make_train_step, split_model
 from pallas_kernels import int4_layout
 from pallas_kernels.grouped_swiglu import SwiGLUWeights, grouped_swiglu
@@ -71,15 +71,9 @@ def _copy(model):
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """A release-format tiny model whose routed experts are on the kimi grid."""
-    from convert.to_release import export_model
-
-    model = k25jax.build_model(tiny(), F32, seed=3)
-    quantize_experts(model, "kimi")
-    out = tmp_path_factory.mktemp("lora") / "release"
-    export_model(model, out, progress=False)
-    return out
+def release(kimi_release):
+    """A release-format tiny model whose routed experts are on the kimi grid (tests/train/conftest.py)."""
+    return kimi_release
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +90,17 @@ def trained(release):
     tx = config.build()
     opt_state = tx.init(trainable)
     ns = types.SimpleNamespace(
-        report=report,
-        batch=batch,
-        base_logits=base_logits,
-        base_state=base_state,
-        before=before,
-        frozen=frozen,
-        trainable_paths=[p for p, _ in nnx.to_flat_state(trainable)],
-        trainable_bytes=sum(a.nbytes for a in jax.tree.leaves(trainable)),
-        adam_bytes=sum(a.nbytes for a in jax.tree.leaves(opt_state) if a.ndim > 0),
+        **{
+            "report": report,
+            "batch": batch,
+            "base_logits": base_logits,
+            "base_state": base_state,
+            "before": before,
+            "frozen": frozen,
+            "trainable_paths": [p for p, _ in nnx.to_flat_state(trainable)],
+            "trainable_bytes": sum(a.nbytes for a in jax.tree.leaves(trainable)),
+            "adam_bytes": sum(a.nbytes for a in jax.tree.leaves(opt_state) if a.ndim > 0),
+        }
     )
     step = make_train_step(graphdef, tx)
     ns.losses = []

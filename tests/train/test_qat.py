@@ -39,18 +39,6 @@ def _batch(vocab: int, batch: int = 2, length: int = 24, seed: int = 0) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def kimi_release(tmp_path_factory):
-    """A release-format tiny model (vision included) whose routed experts are on the kimi grid."""
-    from convert.to_release import export_model
-
-    model = k25jax.build_model(tiny(), F32, seed=3)
-    quantize_experts(model, "kimi")
-    out = tmp_path_factory.mktemp("kimi") / "release"
-    export_model(model, out, progress=False)
-    return out
-
-
 def _forward_and_loss(model, batch):
     graphdef, state = nnx.split(model)
 
