@@ -1,9 +1,10 @@
 """Two CPU strategies for the grouped SwiGLU. XLA:CPU's ``ragged_dot`` is a masked dense matmul over every expert
 (``E`` times the work, plus a transposed copy of the weights), so on CPU:
 
-- :func:`tiled` (many rows, prefill): a scan over the visits of :func:`pallas_kernels.int4_gmm.schedule.visit_schedule`
-  (each visit is one row tile times one expert that has rows in it): about ``M / TILE_ROWS + E`` small matmuls, and
-  experts with no rows are never read (nor dequantized).
+- :func:`tiled` (many rows, prefill): a scan over row tiles aligned to each expert's group
+  (:func:`pallas_kernels.int4_gmm.schedule.group_tiles`: no row computed twice, unlike the fixed tile boundaries
+  the kernels' visit schedule uses): about ``M / TILE_ROWS + E`` small matmuls, and experts with no rows are never
+  read (nor dequantized).
 - :func:`per_row` (few rows, decode): a scan over the rows, each through its own expert: only the chosen experts'
   weights are read, one expert in flight at a time, so no ``[rows, D, F]`` copy of the weights is ever formed.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.int4_gmm.schedule import visit_schedule
+from pallas_kernels.int4_gmm.schedule import group_tiles
 
 TILE_ROWS = 32  # rows per tile of :func:`tiled`
 
@@ -41,24 +42,23 @@ def swiglu_one(x: jax.Array, expert: jax.Array, gate, up, down, layer, dtype) ->
 
 
 def tiled(rows, group_sizes, gate, up, down, *, dtype, layer=None, tile: int = TILE_ROWS) -> jax.Array:
-    """The grouped SwiGLU as a scan over (row tile, expert) visits -> ``[M, D]`` float32."""
+    """The grouped SwiGLU as a scan over row tiles aligned to each expert's group -> ``[M, D]`` float32."""
     m, d = rows.shape
-    schedule = visit_schedule(group_sizes, m, tile)
+    schedule = group_tiles(group_sizes, m, tile)
     x_padded = jnp.pad(rows.astype(dtype), ((0, tile), (0, 0)))
     offsets = jnp.arange(tile, dtype=jnp.int32)
 
-    def compute(out, expert, r0, lo, hi):
+    def compute(out, expert, r0, hi):
         y = swiglu_one(jax.lax.dynamic_slice_in_dim(x_padded, r0, tile), expert, gate, up, down, layer, dtype)
         current = jax.lax.dynamic_slice_in_dim(out, r0, tile)
-        mine = ((r0 + offsets >= lo) & (r0 + offsets < hi))[:, None]  # the tile's other rows belong to other visits
+        mine = (r0 + offsets < hi)[:, None]  # a tile's last rows may belong to the next group: keep those
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y, current), r0, 0)
 
     def body(out, visit):
-        expert, tile_id, lo, hi = visit
-        r0 = tile_id * tile
-        return jax.lax.cond(hi > lo, compute, lambda out, *_: out, out, expert, r0, lo, hi), None
+        expert, r0, hi = visit
+        return jax.lax.cond(hi > r0, compute, lambda out, *_: out, out, expert, r0, hi), None
 
-    visits = (schedule.group_ids, schedule.tile_ids, schedule.lo, schedule.hi)
+    visits = (schedule.group_ids, schedule.row0, schedule.hi)
     out, _ = jax.lax.scan(body, jnp.zeros((m + tile, d), jnp.float32), visits)
     return out[:m]
 

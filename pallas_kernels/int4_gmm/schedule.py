@@ -58,3 +58,27 @@ def zero_uncovered_rows(out: jax.Array, total_rows: jax.Array) -> jax.Array:
     """Rows outside every group are zero (as in ``jax.lax.ragged_dot``); kernels never write them."""
     rows = jnp.arange(out.shape[0], dtype=jnp.int32)[:, None]
     return jnp.where(rows < total_rows, out, jnp.zeros((), out.dtype))
+
+
+class GroupTiles(NamedTuple):
+    group_ids: jax.Array  # int32 [V]: group of each tile
+    row0: jax.Array  # int32 [V]: the tile's first row (tiles start at their group's first row)
+    hi: jax.Array  # int32 [V]: one past the group's last row (row0 >= hi: a padding tile)
+
+
+def group_tiles(group_sizes: jax.Array, m: int, tm: int) -> GroupTiles:
+    """Tiles of ``tm`` rows aligned to each group's start, for a loop that computes one tile at a time (the CPU
+    strategy): every tile lies within one group (its last rows may spill into the next group and are masked), so no
+    row is computed twice; ``ceil(size / tm)`` tiles per group, at most ``m / tm + G`` in all (the static length).
+    A kernel that keeps output tiles in fast memory wants :func:`visit_schedule` instead (fixed tile boundaries)."""
+    gs = group_sizes.astype(jnp.int32)
+    g_count = gs.shape[0]
+    ends = jnp.minimum(jnp.cumsum(gs), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    tiles = (jnp.maximum(ends - starts, 0) + tm - 1) // tm
+    tile_end = jnp.cumsum(tiles)
+    t = jnp.arange(-(-m // tm) + g_count, dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), g_count - 1).astype(jnp.int32)
+    row0 = starts[g] + (t - (tile_end - tiles)[g]) * tm
+    hi = jnp.where(t < tile_end[-1], ends[g], 0)
+    return GroupTiles(g, row0.astype(jnp.int32), hi.astype(jnp.int32))
