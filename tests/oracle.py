@@ -325,3 +325,179 @@ def torch_logits(model, input_ids: np.ndarray, **kwargs) -> np.ndarray:
 def text_param_tree(model, cfg: K25Config) -> Iterable:
     """Release-named tensors of the text stack only (for text-only release directories)."""
     return {k: v for k, v in release_tensors(model, cfg).items() if not k.startswith(("vision_tower", "mm_projector"))}
+
+
+# release name piece -> transformers name piece inside a vision block: the inverse of _VISION_RENAMES.
+_VISION_BLOCK_NAMES = {
+    "wo.": "attn.proj.",
+    "mlp.fc0.": "mlp.fc1.",
+    "mlp.fc1.": "mlp.fc2.",
+    "norm0.": "norm1.",
+    "norm1.": "norm2.",
+}
+_EXPERT_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight")
+
+
+def read_release_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in a release directory, by release name."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        for name, value in load_file(os.path.join(path, file)).items():
+            if name in out:
+                raise ValueError(f"{path}/{file}: tensor {name} is also in another shard")
+            out[name] = value
+    return out
+
+
+def _release_qargs(path: str) -> dict | None:
+    """The compressed-tensors weight args of a release's ``config.json`` (None when unquantized)."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    q = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+    if q is None:
+        return None
+    if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+        raise ValueError(f"{path}/config.json: quantization_config is not compressed-tensors pack-quantized: {q}")
+    (group,) = q["config_groups"].values()
+    return group["weights"]
+
+
+def decode_expert_ct(tensors: dict[str, torch.Tensor], prefix: str, weight_args: dict | None):
+    """One routed-expert projection of a release, decoded by compressed-tensors' own functions:
+    ``unpack_from_int32`` of ``{prefix}.weight_packed`` to ``weight_shape`` and ``dequantize`` with the float32
+    ``weight_scale`` (``q * s`` exact in float32). Returns ``(float32 w [out, in], (int8 q, bf16 scale) or None)``;
+    a bf16 ``{prefix}.weight`` (unquantized experts) comes back as float32."""
+    if f"{prefix}.weight" in tensors:
+        return tensors[f"{prefix}.weight"].float(), None
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    if weight_args is None:
+        raise ValueError(f"{prefix}.weight_packed: the release's config.json has no quantization_config")
+    args = QuantizationArgs(**weight_args)
+    packed, scale = tensors[f"{prefix}.weight_packed"], tensors[f"{prefix}.weight_scale"]
+    shape = torch.Size(tensors[f"{prefix}.weight_shape"].tolist())
+    q = unpack_from_int32(packed, args.num_bits, shape)
+    w = dequantize(q, scale.float(), None, args, dtype=torch.float32)
+    return w, (q, scale)
+
+
+def _hf_vision_name(rel: str) -> str:
+    """A release vision / projector tensor name -> transformers' (the fused ``wqkv`` is split by the caller)."""
+    rel = rel.replace("mm_projector.proj.0.", "mm_projector.in_proj.").replace(
+        "mm_projector.proj.2.", "mm_projector.out_proj."
+    )
+    rel = rel.replace("patch_embed.pos_emb.weight", "patch_embed.pos_emb.position_embeddings")
+    if rel.startswith("vision_tower.encoder.final_layernorm."):
+        rel = "vision_tower." + rel[len("vision_tower.encoder.") :]
+    if rel.startswith("vision_tower.encoder.blocks."):
+        index, leaf = rel[len("vision_tower.encoder.blocks.") :].split(".", 1)
+        for theirs, ours in _VISION_BLOCK_NAMES.items():
+            if leaf.startswith(theirs):
+                leaf = ours + leaf[len(theirs) :]
+                break
+        rel = f"vision_tower.layers.{index}.{leaf}"
+    return "model." + rel
+
+
+def _from_interleaved(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`_to_interleaved`: rows per head in pairs ``(0, 1), (2, 3), ...`` -> ``[evens | odds]``."""
+    hd = x.shape[0] // heads
+    return x.reshape(heads, hd // 2, 2, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
+
+
+def hf_state_from_release(tensors: dict[str, torch.Tensor], cfg: K25Config, weight_args: dict | None, *, kimi: bool):
+    """Release-named tensors -> ``(transformers state dict in float32, {stacked expert name: (q, scale)})``: the
+    inverse of :func:`release_tensors` (the ``language_model.`` prefix dropped, per-expert projections decoded by
+    compressed-tensors and stacked into ``gate_up_proj [E, 2F, D]`` / ``down_proj [E, D, F]``, the vision ``wqkv``
+    split into q/k/v with q/k rows back in transformers' split-half order, the vision renames undone).
+    ``kimi``: names for ``Kimi_K25ForConditionalGeneration`` (else ``DeepseekV3ForCausalLM``)."""
+    import re
+
+    text_prefix = "model.language_model." if kimi else "model."
+    expert = re.compile(
+        r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(" + "|".join(_EXPERT_LEAVES) + ")$"
+    )
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[tuple[int, str], tuple]] = {}
+    for rel, value in tensors.items():
+        name = rel[len("language_model.") :] if rel.startswith("language_model.") else rel
+        m = expert.match(name)
+        if m:
+            base, e, proj, leaf = m.groups()
+            if leaf in ("weight_packed", "weight"):
+                experts.setdefault(base, {})[(int(e), proj)] = decode_expert_ct(
+                    tensors, rel.rsplit(".", 1)[0], weight_args
+                )
+            continue
+        if name.startswith(("vision_tower.", "mm_projector.")):
+            if not kimi:
+                raise ValueError(f"release tensor {rel}: a vision tensor, but the config has no vision tower")
+            if ".wqkv." in name:
+                prefix, leaf = _hf_vision_name(name).split(".wqkv.")
+                heads = cfg.vision.num_attention_heads
+                q, k, v = value.float().chunk(3, dim=0)
+                for proj, part in (("q_proj", _from_interleaved(q, heads)), ("k_proj", _from_interleaved(k, heads))):
+                    state[f"{prefix}.attn.{proj}.{leaf}"] = part
+                state[f"{prefix}.attn.v_proj.{leaf}"] = v
+                continue
+            state[_hf_vision_name(name)] = value.float()
+            continue
+        if name == "lm_head.weight":
+            state[name] = value.float()
+        elif name.startswith("model."):
+            state[text_prefix + name[len("model.") :]] = value.float()
+        else:
+            raise ValueError(f"release tensor {rel}: not a name this oracle knows")
+    int4: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for base, parts in experts.items():
+        n = cfg.text.n_routed_experts
+        missing = [(e, p) for e in range(n) for p in ("gate_proj", "up_proj", "down_proj") if (e, p) not in parts]
+        if missing:
+            raise ValueError(f"release experts {base}: missing projections {missing[:4]}")
+        stacked = text_prefix + base[len("model.") :]
+        gate_up = [torch.cat([parts[(e, "gate_proj")][0], parts[(e, "up_proj")][0]], 0) for e in range(n)]
+        state[f"{stacked}.gate_up_proj"] = torch.stack(gate_up)
+        state[f"{stacked}.down_proj"] = torch.stack([parts[(e, "down_proj")][0] for e in range(n)])
+        if parts[(0, "gate_proj")][1] is not None:
+            for leaf, projs in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+                q = torch.stack([torch.cat([parts[(e, p)][1][0] for p in projs], 0) for e in range(n)])
+                s = torch.stack([torch.cat([parts[(e, p)][1][1] for p in projs], 0) for e in range(n)])
+                int4[f"{stacked}.{leaf}"] = (q, s)
+    return state, int4
+
+
+def hf_model_from_release(path: str | os.PathLike):
+    """A float32, eager-attention transformers model holding exactly a release directory's weights.
+
+    ``Kimi_K25ForConditionalGeneration`` when the config has a vision tower, else ``DeepseekV3ForCausalLM``; the
+    config from ``config.json`` (:func:`~k25jax.release.config.from_release_config`, then the same transformers
+    kwargs as :func:`make_hf_kimi_model` / :func:`make_hf_text_model`); routed experts decoded with
+    compressed-tensors' ``unpack_from_int32`` and ``dequantize`` (transformers' own INT4 loader does not read
+    this per-expert layout). ``model._k25_int4`` holds the decoded ``(q, scale)``, so :func:`release_tensors` of
+    the model gives the release's tensors back.
+    """
+    from k25jax.release.config import from_release_config
+
+    path = os.fspath(path)
+    cfg = from_release_config(path)
+    kimi = cfg.vision is not None
+    model = make_hf_kimi_model(cfg) if kimi else make_hf_text_model(cfg)
+    state, int4 = hf_state_from_release(read_release_tensors(path), cfg, _release_qargs(path), kimi=kimi)
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unknown = sorted(set(state) - set(ours))
+    if missing or unknown:
+        raise ValueError(f"{path}: transformers tensors missing from the release {missing[:5]}, unknown {unknown[:5]}")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(ours[name].shape):
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(value.shape)}, transformers wants {tuple(ours[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    model._k25_int4 = int4
+    return model
