@@ -36,20 +36,9 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _threads_from_argv(argv) -> int:
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return 0
+from cpu_threads import threads_from_argv  # noqa: E402  (benchmarks/, the script's own folder)
 
-
-THREADS = _threads_from_argv(sys.argv)  # XLA reads its flags when jax starts: set them before the import
-if THREADS == 1:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    ).strip()
+THREADS = threads_from_argv(sys.argv, default=0)  # before jax is imported
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")]
 

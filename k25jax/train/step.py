@@ -32,10 +32,10 @@ class OptimizerConfig:
     steps: int = 100
     end_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    clip_norm: float | None = 1.0
     accumulate: int = 1
     state_dtype: str = "float32"
 

@@ -1,0 +1,25 @@
+"""CPU thread settings for the benchmarks, applied before jax is imported (XLA reads its flags at start-up).
+
+``--threads N`` on the command line: 1 gives XLA one thread (``intra_op_parallelism_threads=1`` with Eigen threading
+off; the benchmark gives torch the same with ``set_num_threads``); anything else leaves XLA's default (all cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def threads_from_argv(argv, default: int) -> int:
+    """The ``--threads`` value in ``argv`` (``--threads N`` or ``--threads=N``), else ``default``; with 1, set XLA's
+    flags for one thread (call before importing jax)."""
+    threads = default
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            threads = int(argv[i + 1])
+        elif a.startswith("--threads="):
+            threads = int(a.split("=", 1)[1])
+    if threads == 1:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
+    return threads
