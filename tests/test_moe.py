@@ -176,3 +176,8 @@ def test_lowering_for_tpu_from_a_cpu_host_emits_no_cpu_expert_path():
     assert "grouped_swiglu_cpu" not in tpu
     assert "grouped_swiglu_grouped" in tpu
     assert "grouped_swiglu_cpu_tiled" in cpu_text
+    # The Pallas grouped kernel skips empty experts itself: with kernels="pallas" no CPU scan, even on CPU.
+    model.set_run(kernels="pallas")
+    graphdef, state = nnx.split(model)
+    pallas = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)).trace(state, ids).lower(lowering_platforms=("cpu",))
+    assert "grouped_swiglu_cpu" not in pallas.as_text(debug_info=True)
