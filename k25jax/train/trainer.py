@@ -363,7 +363,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 def trained_model(cfg: FinetuneConfig):
     """The model at the latest checkpoint of ``cfg.out`` as its forward computed (fake-quant experts, the other
     trainable parameters rounded to the storage dtype): what ``export`` writes."""
-    model, _ = load_for_training(cfg)
+    model, tokenizer = load_for_training(cfg)
     graphdef, trainable, frozen, _ = prepare(model, cfg)
     optimizer = cfg.optimizer().build()
     manager = _checkpointer(cfg.out, cfg.keep_checkpoints)
@@ -371,7 +371,7 @@ def trained_model(cfg: FinetuneConfig):
         raise TrainingError(f"{cfg.out}: no checkpoint")
     state = RunState(trainable, optimizer.init(trainable), jax.random.key(cfg.seed), 0)
     batches = train_data.make_batches(
-        cfg.data, _tokenizer(cfg), batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed
+        cfg.data, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed
     )
     state = _restore(manager, state, batches, dataclasses.replace(cfg, resume=True))
     manager.close()
@@ -383,12 +383,6 @@ def _stored(trainable, cfg: FinetuneConfig):
     from k25jax.train.step import storage_rounded
 
     return storage_rounded(trainable, cfg.storage_dtype)
-
-
-def _tokenizer(cfg: FinetuneConfig):
-    from k25jax.tokenizer import Tokenizer
-
-    return Tokenizer.tiny() if cfg.model == "tiny" else Tokenizer.from_pretrained(cfg.model)
 
 
 EXPORTERS = "k25jax.exporters"  # entry-point group: a function (model, out, *, overwrite, progress) -> path
