@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 
@@ -22,6 +23,15 @@ def _layers(text: str) -> tuple[int, int]:
     if not sep or not a.strip().isdigit() or not b.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected A:B (MoE layers A <= i < B), got {text!r}")
     return int(a), int(b)
+
+
+def _block(text: str) -> int | str | None:
+    """``--attention-block``: a positive number of tokens, ``plain`` (the plain forms) or ``auto``."""
+    if text in ("auto", "plain"):
+        return None if text == "plain" else text
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, 'plain' or 'auto', got {text!r}")
+    return int(text)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -45,6 +55,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "attention_block": "attention_block",
         }  # TrainSetup field: flag
         qat = TrainSetup(**{field: getattr(args, flag) for field, flag in fields.items()})
+        if qat.attention_block == "auto":  # training: plain unless a block is given
+            qat = dataclasses.replace(qat, attention_block=None)
     try:
         p = plan(
             _config(args.model),
@@ -57,6 +69,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             cache_dtype=dtypes[args.cache_dtype],
             prefill_chunk=args.prefill_chunk,
             qat=qat,
+            **({} if args.train else {"attention_block": args.attention_block}),
         )
     except (ShardingError, ValueError) as e:
         raise SystemExit(f"k25jax plan: {e}") from None
@@ -65,8 +78,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def register_plan(sub) -> None:
-    from k25jax.config import REMAT_POLICIES, RunConfig
-    from k25jax.plan import DEVICES
+    from k25jax.config import REMAT_POLICIES
+    from k25jax.plan import DEVICES, LONG_CONTEXT, LONG_CONTEXT_BLOCK
     from k25jax.train.fakequant import SCALE_MODES
 
     p = sub.add_parser("plan", help="per-device memory of a sharded model (parameters, cache, activations, ...)")
@@ -83,6 +96,15 @@ def register_plan(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter/compute dtype")
     p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk length (generation's default)")
+    p.add_argument(
+        "--attention-block",
+        type=_block,
+        default="auto",
+        metavar="N|plain|auto",
+        help="RunConfig.attention_block the plan assumes: blockwise attention with N-token blocks, or the plain forms "
+        f"(whole scores). auto (default): inference plans block {LONG_CONTEXT_BLOCK} for contexts over {LONG_CONTEXT}, "
+        "plain otherwise; training plans plain",
+    )
     t = p.add_argument_group("training (--train)")
     t.add_argument(
         "--trainable",
@@ -104,11 +126,4 @@ def register_plan(sub) -> None:
     t.add_argument("--qat-scales", default="dynamic", choices=list(SCALE_MODES), help="fake-quant scale mode")
     t.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (MultiSteps buffer)")
     t.add_argument("--remat", default="full", choices=list(REMAT_POLICIES), help="RunConfig.remat (default full)")
-    t.add_argument(
-        "--attention-block",
-        type=int,
-        default=getattr(RunConfig(), "attention_block", None),
-        metavar="N",
-        help="RunConfig.attention_block: blockwise attention with N-token blocks (default: plain, whole scores)",
-    )
     p.set_defaults(func=cmd_plan)

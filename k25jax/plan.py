@@ -18,6 +18,7 @@ layers' experts as masters and the others as packed INT4, exact per layer becaus
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 
@@ -130,40 +131,108 @@ def _split(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: AnyMesh) 
     return math.prod(shape) // max(1, shard_bytes(shape, jnp.int8, spec, mesh))
 
 
+# Inference attention: contexts longer than this are planned blockwise unless a block is given (``"auto"``).
+LONG_CONTEXT = 32768
+# The block the inference plan assumes for them: key blocks of this many cache slots (the prefill chunk's queries
+# are one query block). Score memory grows with it; fewer, larger blocks mean fewer loop steps.
+LONG_CONTEXT_BLOCK = 2048
+
+
+def check_attention_block(block) -> None:
+    """Raise ``ValueError`` naming ``--attention-block`` unless ``block`` is None or a positive int."""
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"--attention-block must be a positive number of tokens (or plain), got {block!r}")
+
+
+def inference_attention_block(context: int, attention_block="auto") -> int | None:
+    """The attention block an inference plan assumes: ``"auto"`` is :data:`LONG_CONTEXT_BLOCK` for contexts over
+    :data:`LONG_CONTEXT` and plain (None) otherwise; None or a positive int is taken as given (checked)."""
+    if attention_block == "auto":
+        return LONG_CONTEXT_BLOCK if context > LONG_CONTEXT else None
+    check_attention_block(attention_block)
+    return attention_block
+
+
+def _token_axes(batch: int, mesh: AnyMesh) -> tuple[str, ...]:
+    """The mesh axes a batch of ``batch`` rows is split over (fitted: an axis that does not divide is left out)."""
+    token = logical_spec(("batch",), (batch,), mesh, COMPUTE_RULES, fit=True)[0]
+    return () if token is None else (token,) if isinstance(token, str) else tuple(token)
+
+
+def _gathered(token_axes: tuple[str, ...], cfg: K25Config, mesh: AnyMesh) -> int:
+    """How many devices' tokens the MoE gathers: the expert axes the batch is split over (k25jax.expert_parallel)."""
+    expert_axes = logical_spec(("experts",), (cfg.text.n_routed_experts,), mesh, COMPUTE_RULES)[0] or ()
+    expert_axes = (expert_axes,) if isinstance(expert_axes, str) else expert_axes
+    return math.prod(mesh.shape[a] for a in expert_axes if a in token_axes)
+
+
 def activation_bytes(
-    cfg: K25Config, mesh: AnyMesh, batch: int, context: int, chunk: int, expert_layer_bytes: int, dtype_bytes: int = 2
+    cfg: K25Config,
+    mesh: AnyMesh,
+    batch: int,
+    context: int,
+    chunk: int,
+    expert_layer_bytes: int,
+    dtype_bytes: int = 2,
+    *,
+    attention_block: int | None = None,
 ):
     """Largest live temporaries of one inference step (the layer scan holds one layer's at a time), by term.
 
-    ``expert_layer_bytes``: one layer's local expert weights, which XLA may copy out of the stack for the grouped
+    ``expert_layer_bytes``: one layer's local experts, which XLA may copy out of the stack for the grouped
     matmul (counted in case it does).
 
-    Prefill runs chunks of ``chunk`` tokens; the last chunk attends over the whole ``context`` (absorbed form,
-    float32 scores and compute-dtype probabilities). The MoE term is the expert-parallel row buffer: the tokens
-    of the expert group, ``min(k, E_local)`` rows each, through gate / up (float32), the SwiGLU product and
-    down (float32). Decode (one token) is smaller in every term.
+    Prefill runs chunks of ``chunk`` tokens; the last chunk attends over the whole ``context`` (absorbed form). Per
+    device: ``b`` batch rows, ``T = min(chunk, context)`` queries, ``S = context`` cache slots, ``Hl`` heads,
+    ``C`` = ``kv_lora_rank``, ``R`` = ``qk_rope_head_dim``, ``d`` = ``dtype_bytes``.
+
+    - ``attention_block=None`` (plain ``MLA.absorbed``): the whole scores ``b Hl T S (4 + d)`` (float32 scores and
+      compute-dtype probabilities), and q / q~ ``b T Hl (Kn + R + C) d``.
+    - ``attention_block=N`` (``MLA.absorbed_blockwise``: :func:`k25jax.attention.blockwise_attention` with the
+      latents ``[c | k_pe]`` as keys and ``c`` as values, shared by every head), query blocks ``bq = min(N, T)``, key
+      blocks ``bk = min(N, S)``: one block's scores ``b Hl bq bk 12`` (the two float32 score products
+      ``q~ . c`` and ``q_pe . k_pe``, the float32 ``exp``: what XLA:CPU's compiled MLA holds per block element, the
+      compute-dtype probabilities fused away); the online-softmax state ``b Hl bq 8`` (running max and sum) and the
+      float32 latent-space accumulator with one block's ``p . c`` product, ``2 b Hl bq C 4``; the output of every
+      query block, float32 and in the compute dtype, ``b T Hl C (4 + d)``; the blocked copies of the queries
+      ``b T Hl (C + R) d`` and of one layer's latents (keys ``c | k_pe`` and values ``c``) ``b S (2C + R) d``.
+
+    The MoE term is the expert-parallel row buffer: the tokens of the expert group, ``min(k, E_local)`` rows each,
+    through gate / up (float32), the SwiGLU product and down (float32). Decode (one token: ``T = bq = 1``) is
+    smaller in every term.
     """
-    t = cfg.text
+    check_attention_block(attention_block)
     b = batch // _split(("batch",), (batch,), mesh)  # batch rows per device
-    T = min(chunk, context)
+    gathered = _gathered(_token_axes(batch, mesh), cfg, mesh)
+    return _step_bytes(cfg, mesh, b, gathered, context, chunk, expert_layer_bytes, dtype_bytes, attention_block)
+
+
+def _step_bytes(cfg, mesh, b, gathered, context, chunk, expert_layer_bytes, dtype_bytes, block) -> dict[str, int]:
+    """:func:`activation_bytes` for ``b`` rows per device whose MoE gathers ``gathered`` devices' tokens."""
+    t, d = cfg.text, dtype_bytes
+    T, S = min(chunk, context), context
     heads = t.num_attention_heads // _split((None, "act_heads"), (1, t.num_attention_heads), mesh)
     expert_shards = _split(("experts",), (t.n_routed_experts,), mesh)
     width = t.moe_intermediate_size // _split(("expert_mlp",), (t.moe_intermediate_size,), mesh)
-    # Tokens are gathered over the expert axes the batch is split over (k25jax.expert_parallel).
-    token = logical_spec(("batch",), (batch,), mesh, COMPUTE_RULES, fit=True)[0]
-    token_axes = () if token is None else (token,) if isinstance(token, str) else token
-    expert_axes = logical_spec(("experts",), (t.n_routed_experts,), mesh, COMPUTE_RULES)[0] or ()
-    expert_axes = (expert_axes,) if isinstance(expert_axes, str) else expert_axes
-    gathered = math.prod(mesh.shape[a] for a in expert_axes if a in token_axes)
     group_rows = b * T * gathered
     rows = group_rows * min(t.num_experts_per_tok, t.n_routed_experts // expert_shards)
-    D = t.hidden_size
+    D, C, R = t.hidden_size, t.kv_lora_rank, t.qk_rope_head_dim
+    q_latents = b * T * heads * (t.qk_head_dim + C) * d
+    if block is None:
+        attention = {"attention scores": b * heads * T * S * (4 + d), "attention q / latents": q_latents}
+    else:
+        bq, bk = min(block, T), min(block, S)
+        attention = {
+            "attention scores (one block)": b * heads * bq * bk * 12,
+            "online softmax: max, sum, accumulators": b * heads * bq * (8 + 2 * C * 4) + b * T * heads * C * (4 + d),
+            "attention q / latents (+ blocked copies)": q_latents + b * T * heads * (C + R) * d,
+            "one layer's latents, blocked": b * S * (2 * C + R) * d,
+        }
     return {
         "one layer's local experts (sliced copy)": expert_layer_bytes,
-        "attention scores": b * heads * T * context * (4 + dtype_bytes),
-        "attention q / latents": b * T * heads * (t.qk_head_dim + t.kv_lora_rank) * dtype_bytes,
-        "MoE rows": rows * (D * dtype_bytes + width * (4 + 4 + dtype_bytes) + D * 4) + group_rows * D * 4,
-        "residual + logits": 4 * b * T * D * dtype_bytes + b * t.vocab_size // mesh.shape["tensor"] * 4,
+        **attention,
+        "MoE rows": rows * (D * d + width * (4 + 4 + d) + D * 4) + group_rows * D * 4,
+        "residual + logits": 4 * b * T * D * d + b * t.vocab_size // mesh.shape["tensor"] * 4,
     }
 
 
@@ -444,6 +513,16 @@ def qat_activation_bytes(
 
 @dataclasses.dataclass
 class Plan:
+    """Per-device bytes of one planned setup (:func:`plan`), by category, and whether they fit.
+
+    Attributes (beyond the byte counts):
+      attention_block: inference: the attention block the activations assume (None: the plain forms).
+      max_batch: inference: the largest global batch of sequences of ``context`` tokens whose plan fits on this
+        mesh and device (0: not even one), as :func:`plan` with that batch would find it; None for training.
+      max_batch_rows: the batch rows each device holds at ``max_batch`` (the batch is split over the batch axes
+        that divide it, :func:`max_batch`).
+    """
+
     model: str
     mesh: dict[str, int]
     batch: int
@@ -457,6 +536,9 @@ class Plan:
     optimizer: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
     setup: str | None = None  # the QAT setup line (training with a TrainSetup)
+    attention_block: int | None = None
+    max_batch: int | None = None
+    max_batch_rows: int = 0
 
     @property
     def total(self) -> int:
@@ -503,6 +585,16 @@ class Plan:
             f"device memory {self.device.hbm / GB:.0f} GB, usable {USABLE:.0%} = {self.usable / GB:.2f} GB: "
             f"{verdict} ({self.usable / GB - self.total / GB:+.2f} GB headroom)"
         )
+        if self.max_batch is not None:
+            devices_ = f"{devices} devices" if devices > 1 else "1 device"
+            if self.max_batch:
+                lines.append(
+                    f"fits {self.max_batch} sequence{'s' if self.max_batch > 1 else ''} of {self.context} tokens "
+                    f"(batch {self.max_batch}, {self.max_batch_rows} per device) on these {devices_}"
+                )
+            else:
+                these = "these" if devices > 1 else "this"
+                lines.append(f"0 sequences of {self.context} tokens fit on {these} {devices_}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -519,9 +611,16 @@ def plan(
     cache_dtype=jnp.bfloat16,
     prefill_chunk: int = 512,
     qat: TrainSetup | None = None,
+    attention_block: int | str | None = "auto",
 ) -> Plan:
     """Plan ``cfg`` on a mesh of ``mesh`` sizes (axis name -> size). Parameters in ``dtype`` except INT4 experts
     (when the config is quantized) and the float32 router bias; the cache in ``cache_dtype``.
+
+    Inference: ``attention_block`` is the ``RunConfig.attention_block`` the activations assume: None plans the
+    plain forms (the last prefill chunk's whole ``[B, H, chunk, context]`` scores), an int the blockwise forms
+    (:func:`activation_bytes`), ``"auto"`` (default) :data:`LONG_CONTEXT_BLOCK` when ``context`` exceeds
+    :data:`LONG_CONTEXT` and plain otherwise (a note says which). ``Plan.max_batch`` is how many sequences of
+    ``context`` tokens fit (:func:`max_batch`). Training takes its block from ``qat.attention_block`` instead.
 
     ``train=True`` with ``qat``: INT4 QAT as ``k25jax.train`` runs it (:func:`qat_state_bytes`,
     :func:`qat_activation_bytes`). Without ``qat``: the older estimate (INT4 experts frozen, every other floating
@@ -530,6 +629,9 @@ def plan(
         raise ValueError(f"--device {device!r}: known devices are {', '.join(DEVICES)}")
     if batch < 1 or context < 1:
         raise ValueError(f"batch ({batch}) and context ({context}) must be positive")
+    if train and attention_block not in ("auto", None):
+        raise ValueError("--attention-block with --train: pass it as TrainSetup(attention_block=) (qat=)")
+    block = None if train else inference_attention_block(context, attention_block)
     amesh = abstract_mesh(**mesh)
     if train and qat is not None:
         return _qat_plan(cfg, mesh, amesh, batch, context, DEVICES[device], dtype, qat)
@@ -551,9 +653,15 @@ def plan(
         ]
     else:
         layer = params.get("routed experts", 0) // max(1, cfg.text.num_moe_layers)
-        acts = activation_bytes(cfg, amesh, batch, context, prefill_chunk, layer, dbytes)
-        p = Plan(cfg.name, mesh, batch, context, train, DEVICES[device], params, cache, acts)
+        acts = activation_bytes(cfg, amesh, batch, context, prefill_chunk, layer, dbytes, attention_block=block)
+        p = Plan(cfg.name, mesh, batch, context, train, DEVICES[device], params, cache, acts, attention_block=block)
         notes.append(f"activations: estimate for a {min(prefill_chunk, context)}-token prefill chunk (the larger step)")
+        notes.append(_attention_note(cfg, amesh, batch, context, prefill_chunk, dbytes, block, attention_block))
+        row = cache_bytes(LatentCache.abstract(cfg.text, 1, context, cache_dtype), amesh)  # one row, its length
+        fixed = sum(params.values())
+        p.max_batch, p.max_batch_rows = _max_batch(
+            cfg, amesh, p.usable - fixed, row, context, prefill_chunk, layer, dbytes, block
+        )
     if cfg.quantization is not None:
         notes.append("routed experts INT4: 0.5 byte per value + one bf16 scale per 32 values (0.5625 bytes/value)")
         t = cfg.text
@@ -566,6 +674,92 @@ def plan(
         )
     p.notes = notes
     return p
+
+
+def _attention_note(cfg, mesh, batch, context, chunk, dbytes, block, asked) -> str:
+    plain = activation_bytes(cfg, mesh, batch, context, chunk, 0, dbytes)["attention scores"]
+    T = min(chunk, context)
+    if block is None:
+        hint = "; --attention-block N plans the blockwise form (RunConfig(attention_block=N))" if context > 4096 else ""
+        return f"attention: plain forms, the whole [B, H, {T}, {context}] scores of the last chunk{hint}"
+    why = f"the default for contexts over {LONG_CONTEXT}; " if asked == "auto" else ""
+    return (
+        f"attention: blockwise, block {block} ({why}run with RunConfig(attention_block={block})): online softmax over "
+        f"[B, H, {min(block, T)}, {min(block, context)}] score blocks; plain [B, H, {T}, {context}] scores would be "
+        f"{plain / GB:.2f} GB (--attention-block plain)"
+    )
+
+
+def _max_batch(cfg, mesh, room, row, context, chunk, layer, dbytes, block) -> tuple[int, int]:
+    """``(largest global batch, its rows per device)`` whose cache (``row`` bytes per row) and activations fit
+    in ``room`` bytes (usable minus parameters); ``(0, 0)`` when one sequence does not.
+
+    A batch of ``n`` is split over the batch axes that divide it (fitted), so per-device bytes are not monotone in
+    ``n`` (batch 8 on expert=8 holds one row per device, batch 7 seven). They are a function of the rows per device
+    ``b`` and the set ``K`` of axes split, monotone in ``b``: for every ``K`` the largest fitting ``b`` is found by
+    bisection, then the largest ``b`` below it whose batch (``b`` times the sizes of ``K``) really splits over ``K``
+    (the split depends on ``b`` modulo the product of the batch axes' sizes, so at most that many steps).
+    """
+    everything = math.prod(mesh.shape.values())
+    axes = [a for a in _token_axes(everything, mesh) if mesh.shape[a] > 1]
+    period = math.prod(mesh.shape[a] for a in axes)
+
+    def split(n: int) -> frozenset:
+        return frozenset(a for a in _token_axes(n, mesh) if mesh.shape[a] > 1)
+
+    best = (0, 0)
+    for r in range(len(axes) + 1):
+        for kept in map(frozenset, itertools.combinations(axes, r)):
+            ways = math.prod(mesh.shape[a] for a in kept)
+            gathered = _gathered(tuple(kept), cfg, mesh)
+
+            def fits(b: int) -> bool:
+                acts = _step_bytes(cfg, mesh, b, gathered, context, chunk, layer, dbytes, block)
+                return b * row + sum(acts.values()) <= room
+
+            if not fits(1):
+                continue
+            lo = 1
+            while fits(2 * lo):
+                lo *= 2
+            hi = 2 * lo  # fits(lo), not fits(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            for b in range(lo, max(0, lo - period), -1):
+                if split(b * ways) == kept:
+                    best = max(best, (b * ways, b))
+                    break
+    return best
+
+
+def max_batch(
+    cfg: K25Config,
+    mesh: dict[str, int],
+    *,
+    context: int,
+    device: str = "h200",
+    dtype=jnp.bfloat16,
+    cache_dtype=jnp.bfloat16,
+    prefill_chunk: int = 512,
+    attention_block: int | str | None = "auto",
+) -> int:
+    """How many sequences of ``context`` tokens fit for inference on ``mesh`` (the largest global batch ``n`` for
+    which ``plan(cfg, mesh, batch=n, context=context, ...)`` fits; 0 if not even one does). Arguments as
+    :func:`plan`. The batch is split over the mesh's batch axes (data, fsdp, expert) that divide it, so a smaller
+    batch may not fit where this one does (on expert=8, batch 8 holds one sequence per device, batch 2 two);
+    ``plan(...).max_batch_rows`` says how many sequences each device holds."""
+    return plan(
+        cfg,
+        mesh,
+        batch=1,
+        context=context,
+        device=device,
+        dtype=dtype,
+        cache_dtype=cache_dtype,
+        prefill_chunk=prefill_chunk,
+        attention_block=attention_block,
+    ).max_batch
 
 
 def _qat_plan(cfg, mesh, amesh, batch, context, device: Device, dtype, setup: TrainSetup) -> Plan:
