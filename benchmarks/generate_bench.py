@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from k25jax import load_model  # noqa: E402
 from k25jax.config import RunConfig, tiny  # noqa: E402
-from k25jax.generate import generate  # noqa: E402
+from k25jax.generation import generate  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls on both sides
 

@@ -164,7 +164,7 @@ def place_on_mesh(model, mesh_text: str, command: str = "generate"):
 
 
 def _sampling(args: argparse.Namespace):
-    from k25jax.generate import sampling_defaults
+    from k25jax.sampling import sampling_defaults
 
     base = sampling_defaults(thinking=not args.no_thinking)
     temperature = base.temperature if args.temperature is None else args.temperature
@@ -195,7 +195,7 @@ def reply_to(model, tokenizer, messages: list[dict], args: argparse.Namespace, s
     """Render ``messages`` (images preprocessed), stream the model's reply through a :class:`ReplyPrinter`,
     return the parsed reply. With a ``k25jax.session.Session`` the cached conversation prefix is reused."""
     from k25jax.chat import prepare
-    from k25jax.generate import stream
+    from k25jax.generation import stream
 
     thinking = not args.no_thinking
     ids, media = prepare(messages, tokenizer, thinking=thinking)

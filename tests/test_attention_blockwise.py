@@ -13,9 +13,9 @@ from k25jax import cache as kv_cache
 from k25jax.attention import MLA, Positions, causal_mask
 from k25jax.cache import LatentCache
 from k25jax.config import ConfigError, RunConfig, tiny
-from k25jax.generate import extend, prefill
 from k25jax.quant import Int4Scales
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
+from k25jax.serve.steps import extend, prefill
 
 from configs import no_q_lora
 from tiny_models import scaled_mla

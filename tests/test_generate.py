@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from k25jax.cache import LatentCache
-from k25jax.generate import extend, generate, prefill, sample, stream
+from k25jax.generation import generate, stream
+from k25jax.sampling import sample
+from k25jax.serve.steps import extend, prefill
 
 import tiny_models
 

@@ -12,7 +12,8 @@ from k25jax import build_model
 from k25jax.cache import LatentCache
 from k25jax.chat import prepare
 from k25jax.config import RunConfig, tiny
-from k25jax.generate import extend, generate, media_embeds, prefill
+from k25jax.generation import generate
+from k25jax.serve.steps import extend, media_embeds, prefill
 from k25jax.tokenizer import Tokenizer
 
 import tiny_models

@@ -138,7 +138,7 @@ def test_model_logits_with_each_strategy_forced(int4):
     """The whole model (layer scan, INT4 experts) and the cached prefill give the same logits on every strategy."""
     from k25jax import build_model
     from k25jax.cache import LatentCache
-    from k25jax.generate import prefill
+    from k25jax.serve.steps import prefill
 
     cfg = tiny()
     if not int4:

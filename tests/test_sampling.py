@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k25jax.generate import INSTANT, THINKING, Sampling, generate, sample, sampling_defaults, sampling_probs, stream
+from k25jax.generation import generate, stream
+from k25jax.sampling import INSTANT, THINKING, Sampling, sample, sampling_defaults, sampling_probs
 from k25jax.session import Session
 
 P = np.array([0.5, 0.3, 0.15, 0.05])

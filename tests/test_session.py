@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from k25jax.chat import parse_ids, prepare
-from k25jax.generate import generate
+from k25jax.generation import generate
 from k25jax.session import Session
 from k25jax.tokenizer import Tokenizer
 

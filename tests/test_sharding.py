@@ -1,8 +1,6 @@
 """Sharded inference on 8 fake CPU devices: logits equal the single-device ones, experts stay where they live,
 no collective moves expert weights, the planner's bytes equal the real buffers, FSDP gradients agree."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +10,12 @@ from flax import nnx
 from k25jax import build_model
 from k25jax.cache import LatentCache
 from k25jax.config import RunConfig, k25, tiny
-from k25jax.generate import extend, prefill
 from k25jax.moe import Experts
 from k25jax.plan import cache_bytes, collectives, param_bytes, plan, trainable_bytes
 from k25jax.quant import Int4Packed, Int4Scales
+from k25jax.sampling import SlotParams
+from k25jax.serve import steps as engine_steps
+from k25jax.serve.steps import SlotState, extend, prefill
 from k25jax.sharding import (
     ShardingError,
     abstract_mesh,
@@ -29,8 +29,6 @@ from k25jax.sharding import (
 from k25jax.vision import expand_media_pads
 
 from configs import text_variant
-
-generation = importlib.import_module("k25jax.generate")  # the module (k25jax.generate is also the function)
 
 REL = 1e-5  # max |sharded - single| <= REL * max |single| (float32)
 ZERO_GRAD_ATOL = 1e-9  # a gradient that is exactly zero on one device: |sharded| <= this (float32, absolute)
@@ -146,9 +144,12 @@ def _hlo(model, mesh, ids, steps):
     graphdef, state = nnx.split(model.text)
     cache = LatentCache.zeros(model.cfg.text, B, S, jnp.float32, mesh=mesh)
     with use_mesh(mesh):
-        first = generation._prefill.__wrapped__.lower(graphdef, state, ids, jnp.asarray(LENGTHS), cache, None, None)
-        step = generation._extend.__wrapped__.lower(graphdef, state, steps[0], jnp.ones((B,), jnp.int32), cache, True)
-        return first.compile().as_text() + step.compile().as_text()
+        first = engine_steps._prefill.lower(graphdef, state, ids, jnp.asarray(LENGTHS), cache, None, None)
+        step = engine_steps._extend.lower(graphdef, state, steps[0], jnp.ones((B,), jnp.int32), cache, True)
+        # The engine's decode window (what serving runs): every slot's step, sampling included.
+        ss, params = SlotState.empty(B, model.cfg.text.vocab_size), SlotParams.empty(B, 4, 4)
+        window = engine_steps.compiled(graphdef).decode_window.lower(state, cache, ss, params, steps=2, n_logprobs=None)
+        return first.compile().as_text() + step.compile().as_text() + window.compile().as_text()
 
 
 def _weight_sized(ops, slices):

@@ -14,7 +14,7 @@ from k25jax import build_model, cli_generate, preset
 from k25jax.chat import parse_ids, prepare
 from k25jax.cli import main
 from k25jax.config import RunConfig
-from k25jax.generate import generate
+from k25jax.generation import generate
 from k25jax.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,7 +90,7 @@ def test_sampling_settings_follow_the_thinking_mode(cli_tiny, monkeypatch, capsy
         monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
         argv = ["chat", "--model", "tiny"]
     else:
-        monkeypatch.setattr(sys.modules["k25jax.generate"], "stream", fake_stream)  # the module, not the function
+        monkeypatch.setattr(sys.modules["k25jax.generation"], "stream", fake_stream)  # the module, not the function
         argv = ["generate", "--model", "tiny", "--prompt", "Hello"]
     assert main(argv + flags) == 0
     capsys.readouterr()

@@ -14,7 +14,7 @@ import torch
 
 from k25jax import load_model
 from k25jax.config import RunConfig
-from k25jax.generate import generate
+from k25jax.generation import generate
 
 import configs
 import oracle

@@ -1,0 +1,497 @@
+"""The generation engine: continuous batching over the latent cache.
+
+The engine owns ``max_slots`` rows of latent cache, ``max_context`` positions each. A submitted request
+waits for a free slot; once in one, its prompt is prefilled chunk by chunk (batch 1, lengths bucketed to
+powers of two, at most ``prefill_chunk`` tokens a chunk, at most ``prefill_budget`` tokens a step over all
+prefilling slots, media through the vision tower first), and its first token is drawn by the last chunk. All
+live slots then decode together, ``decode_window`` steps per dispatch in one compiled loop, stop conditions
+checked on device; the host reads the tokens back once per window. A finished or cancelled request frees its
+slot at the next step boundary and a waiting one takes it. Every request samples with its own settings and
+its own RNG stream (:mod:`k25jax.sampling`), so what it gives does not depend on what else runs.
+
+One :meth:`Engine.step` is: cancellations, admissions (prefix reuse, :mod:`k25jax.serve.prefix`), prefill
+chunks within the budget, one decode window. ``k25jax.generate`` / ``k25jax.stream``, ``Session``, the CLI and
+the server all run here.
+
+Example::
+
+    engine = Engine(model, max_slots=8, max_context=4096, tokenizer=tok)
+    a = engine.submit(ids_a, Sampling(temperature=0.0, max_tokens=64))
+    b = engine.submit(ids_b, Sampling(temperature=0.6, seed=1, stop=["\\n\\n"]))
+    engine.run()                 # or: while not engine.idle: engine.step()
+    a.tokens, a.finish_reason, b.usage
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from k25jax import sampling as smp
+from k25jax.cache import LatentCache
+from k25jax.media import Media, as_media
+from k25jax.sampling import THINKING, Sampling
+from k25jax.serve import steps
+from k25jax.serve.prefix import PrefixIndex, cut_to_runs, media_keys, select_items
+from k25jax.sharding import mesh_of, use_mesh
+from k25jax.tokenizer import NUM_SPECIAL, special_token_id
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take; the message names the request and the field at fault."""
+
+
+def default_stop_ids(model) -> tuple[int, ...]:
+    """``<|im_end|>`` and ``[EOS]`` of a model (a ``K25`` names them in its config; a bare ``TextModel`` has the
+    release layout, the 256 specials being the last ids of its vocabulary)."""
+    cfg = getattr(model, "cfg", None)
+    if hasattr(cfg, "bos_token_id"):
+        return (special_token_id(cfg.bos_token_id, "<|im_end|>"), cfg.eos_token_id)
+    first = steps.text_model(model).cfg.vocab_size - NUM_SPECIAL
+    return (special_token_id(first, "<|im_end|>"), special_token_id(first, "[EOS]"))
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """``n`` rounded up to a power of two (at least ``minimum``) so shapes, hence compilations, repeat."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A request and, as the engine runs, its result.
+
+    Attributes:
+      id: the engine's number for it.
+      prompt: token ids; ``media``: its images / video chunks (``k25jax.media.Media``) or None.
+      sampling: its settings; ``max_tokens`` and ``stop_ids`` as resolved by the engine.
+      tokens: the new tokens so far (a stop id included, a stop string's tokens included up to the one that
+        completes it).
+      logprobs: with ``sampling.logprobs`` set, per token ``(logprob, [(id, logprob), ...])``.
+      finished / finish_reason: ``"stop"`` (a stop id or string), ``"length"`` (max_tokens or the context),
+        ``"cancelled"``; ``stop_reason`` is the stop id or string that ended it.
+      cached_tokens: prompt tokens taken from the cache (prefix reuse).
+      times: ``submitted``, ``first_token``, ``finished`` (``time.perf_counter``).
+    """
+
+    id: int
+    prompt: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop_ids: tuple[int, ...]
+    seed: int
+    media: Media | None = None
+    embeds: np.ndarray | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    cached_tokens: int = 0
+    times: dict = dataclasses.field(default_factory=dict)
+    # engine bookkeeping
+    slot: int | None = None
+    keys: list = dataclasses.field(default_factory=list, repr=False)
+    runs: list = dataclasses.field(default_factory=list, repr=False)
+    written: int = 0  # prompt tokens in the cache row (reused + prefilled)
+    suffix_embeds: jax.Array | None = dataclasses.field(default=None, repr=False)
+    drawn: list[int] = dataclasses.field(default_factory=list, repr=False)  # all drawn on device (>= tokens)
+    cancel_requested: bool = False
+
+    @property
+    def usage(self) -> dict:
+        """Token counts as OpenAI reports them."""
+        return {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": len(self.tokens),
+            "total_tokens": len(self.prompt) + len(self.tokens),
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class Engine:
+    """Slot-based continuous batching over one model (module doc).
+
+    Args:
+      model: a ``K25`` (with or without vision tower) or a ``TextModel``, on one device or placed on a mesh
+        (``k25jax.shard_model``): the cache is then created sharded and every step runs on that mesh.
+      max_slots: sequences decoded together (cache rows).
+      max_context: positions per slot, prompt plus new tokens (default ``max_position_embeddings``).
+      cache_dtype: latent cache dtype (default: the run config's ``cache_dtype``, else its compute dtype).
+      decode_window: decode steps per dispatch (the host reads tokens back once per window).
+      prefill_chunk: most tokens of one prefill chunk (rounded up to a power of two).
+      prefill_budget: most prompt tokens prefilled per step over all slots (None: every waiting prompt whole);
+        at least one chunk always runs, so a long prompt advances while the live streams keep decoding.
+      block_size: prefix-reuse block (0 turns reuse off).
+      tokenizer: needed for stop strings.
+      max_logprobs: the most alternatives a request may ask for (``sampling.logprobs``).
+      bias_width, stop_width: the most logit-bias entries and stop ids a request may give.
+      default_max_tokens: ``max_tokens`` for requests that give none (None: until the context is full).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_slots: int = 8,
+        max_context: int | None = None,
+        cache_dtype=None,
+        decode_window: int = 8,
+        prefill_chunk: int = 512,
+        prefill_budget: int | None = 2048,
+        block_size: int = 16,
+        tokenizer=None,
+        max_logprobs: int = 20,
+        bias_width: int = 64,
+        stop_width: int = 8,
+        default_max_tokens: int | None = None,
+    ):
+        self.model = model
+        self.text = steps.text_model(model)
+        cfg = self.text.cfg
+        if max_slots < 1:
+            raise EngineError(f"engine: max_slots must be >= 1, got {max_slots}")
+        if decode_window < 1:
+            raise EngineError(f"engine: decode_window must be >= 1, got {decode_window}")
+        self.max_slots = int(max_slots)
+        self.max_context = int(max_context or cfg.max_position_embeddings)
+        if self.max_context < 2:
+            raise EngineError(f"engine: max_context must be >= 2, got {self.max_context}")
+        self.decode_window = int(decode_window)
+        self.prefill_chunk = bucket(prefill_chunk)
+        self.prefill_budget = prefill_budget
+        self.tokenizer = tokenizer
+        self.max_logprobs = int(max_logprobs)
+        self.bias_width, self.stop_width = int(bias_width), int(stop_width)
+        self.default_max_tokens = default_max_tokens
+        self.vocab = cfg.vocab_size
+        self.default_stop = default_stop_ids(model)
+        has_vision = getattr(model, "vision", None) is not None
+        self.pad_id = model.cfg.media_placeholder_token_id if has_vision else None
+
+        self.graphdef, self.state = nnx.split(self.text)
+        self.mesh = mesh_of(self.state)
+        self.fns = steps.compiled(self.graphdef)
+        dtype = cache_dtype or self.text.run.cache
+        self.cache = LatentCache.zeros(cfg, self.max_slots, self.max_context, dtype, mesh=self.mesh)
+        self.ss = self._place(steps.SlotState.empty(self.max_slots, self.vocab))
+        self.params = self._place(smp.SlotParams.empty(self.max_slots, self.bias_width, self.stop_width))
+        self.index = PrefixIndex(self.max_slots, block_size or 1)
+        self.reuse_prefixes = block_size > 0
+
+        self.slots: list[Request | None] = [None] * self.max_slots
+        self.waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._last_id = -1
+        self._seeds = np.random.default_rng()
+        self.stats = {"windows": 0, "decode_steps": 0, "prefill_chunks": 0, "prefill_tokens": 0, "cached_tokens": 0}
+
+    def _place(self, tree):
+        if self.mesh is None:
+            return tree
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+    # ----------------------------------------------------------------------------------------------------
+    # Requests
+    # ----------------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        sampling: Sampling | None = None,
+        *,
+        media=None,
+        inputs_embeds=None,
+        max_tokens: int | None = None,
+    ) -> Request:
+        """Queue a request; return its :class:`Request` (filled in as the engine runs).
+
+        ``prompt``: token ids (media placeholders expanded, as ``k25jax.chat.prepare`` gives them); ``media``:
+        anything ``k25jax.media.as_media`` takes; ``inputs_embeds``: ``[len(prompt), D]`` embeddings replacing
+        the token embeddings (no prefix reuse then); ``max_tokens`` overrides ``sampling.max_tokens``.
+        Raises :class:`EngineError` / ``SamplingError`` naming the field at fault.
+        """
+        sampling = (sampling or THINKING).check(self.vocab, max_logprobs=self.max_logprobs)
+        rid = self._last_id = next(self._ids)
+        what = f"request {rid}"
+        if isinstance(prompt, str):
+            raise EngineError(f"{what}: prompt must be token ids, not a string (tokenize it first)")
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise EngineError(f"{what}: prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab]
+        if bad:
+            raise EngineError(f"{what}: prompt has token ids {bad[:8]} outside the vocabulary [0, {self.vocab})")
+        if len(prompt) >= self.max_context:
+            raise EngineError(
+                f"{what}: prompt has {len(prompt)} tokens, leaving no room for a new one in max_context "
+                f"{self.max_context}"
+            )
+        if sampling.stop and self.tokenizer is None:
+            raise EngineError(f"{what}: sampling.stop (stop strings) needs an engine made with a tokenizer")
+        limit = self.max_context - len(prompt)
+        max_tokens = max_tokens or sampling.max_tokens or self.default_max_tokens or limit
+        stop_ids = tuple(self.default_stop if sampling.stop_token_ids is None else sampling.stop_token_ids)
+        seed = int(self._seeds.integers(2**32)) if sampling.seed is None else int(sampling.seed)
+        media = as_media(media, f"{what}: media")
+        if media is not None and inputs_embeds is not None:
+            raise EngineError(f"{what}: give media or inputs_embeds, not both")
+        if media is not None and getattr(self.model, "vision", None) is None:
+            name = getattr(getattr(self.model, "cfg", None), "name", type(self.model).__name__)
+            raise EngineError(f"{what}: media given but model {name!r} has no vision tower (no vision_config)")
+        embeds = None
+        if inputs_embeds is not None:
+            embeds = np.asarray(inputs_embeds, np.float32)
+            if embeds.shape != (len(prompt), self.text.cfg.hidden_size):
+                raise EngineError(
+                    f"{what}: inputs_embeds has shape {embeds.shape}, expected ({len(prompt)}, "
+                    f"{self.text.cfg.hidden_size})"
+                )
+        keys, runs = media_keys(prompt, media, self.pad_id, what)
+        if embeds is not None:
+            keys = [("embeds", rid, i) for i in range(len(prompt))]  # never shared
+        request = Request(
+            id=rid,
+            prompt=prompt,
+            sampling=sampling,
+            max_tokens=int(min(max_tokens, limit)),
+            stop_ids=stop_ids,
+            seed=seed,
+            media=media,
+            embeds=embeds,
+            keys=keys,
+            runs=runs,
+            logprobs=[] if sampling.logprobs is not None else None,
+        )
+        smp.slot_row(sampling, seed, request.max_tokens, stop_ids, self.bias_width, self.stop_width)  # size check
+        request.times["submitted"] = time.perf_counter()
+        with self._lock:
+            self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request``: it frees its slot at the next step boundary (``finish_reason`` ``"cancelled"``)."""
+        request.cancel_requested = True
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting or running."""
+        return not self.waiting and all(s is None for s in self.slots)
+
+    def run(self) -> None:
+        """Step until every submitted request has finished."""
+        while not self.idle:
+            self.step()
+
+    # ----------------------------------------------------------------------------------------------------
+    # One step
+    # ----------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Cancellations, admissions, prefill within the budget, one decode window. Returns the requests that
+        got tokens or finished in this step."""
+        touched: dict[int, Request] = {}
+        with use_mesh(self.mesh):
+            self._cancellations(touched)
+            self._admit()
+            self._prefill(touched)
+            self._decode(touched)
+        return list(touched.values())
+
+    def _cancellations(self, touched) -> None:
+        with self._lock:
+            for r in [r for r in self.waiting if r.cancel_requested]:
+                self.waiting.remove(r)
+                self._finish(r, "cancelled", None)
+                touched[r.id] = r
+        for r in self.slots:
+            if r is not None and r.cancel_requested and not r.finished:
+                self._finish(r, "cancelled", None)
+                touched[r.id] = r
+        for slot, r in enumerate(self.slots):
+            if r is not None and r.finished:
+                self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        r = self.slots[slot]
+        self.ss = self.fns.release(self.ss, slot)
+        # The row holds the prompt's written part and every drawn token but the last (never fed back).
+        fed = r.written + max(len(r.drawn) - 1, 0) if r.written == len(r.prompt) else r.written
+        self.index.set_content(slot, (r.keys + r.drawn)[:fed] if self.reuse_prefixes else [])
+        self.index.touch(slot)
+        self.slots[slot] = None
+
+    def _admit(self) -> None:
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        while free:
+            with self._lock:
+                if not self.waiting:
+                    return
+                r = self.waiting.popleft()
+            limit = len(r.prompt) - 1  # at least one prompt token runs: it gives the first token's logits
+            slot, reuse, source = self.index.choose(r.keys, free, limit if self.reuse_prefixes else 0)
+            reuse = cut_to_runs(reuse, r.runs)
+            free.remove(slot)
+            if source is not None and reuse > 0:
+                self.index.truncate(slot, 0)
+                self.cache = self.fns.copy_prefix(self.cache, source, slot, reuse)
+            self.index.truncate(slot, reuse)
+            self.index.touch(slot)
+            row = smp.slot_row(r.sampling, r.seed, r.max_tokens, r.stop_ids, self.bias_width, self.stop_width)
+            ids = np.full((bucket(len(r.prompt)),), smp.NO_BIAS, np.int32)
+            ids[: len(r.prompt)] = r.prompt
+            self.cache, self.ss, self.params = self.fns.admit(
+                self.cache, self.ss, self.params, slot, row, jnp.asarray(ids), reuse
+            )
+            r.slot, r.written, r.cached_tokens = slot, reuse, reuse
+            self.stats["cached_tokens"] += reuse
+            self.slots[slot] = r
+            self._vision(r)
+
+    def _vision(self, r: Request) -> None:
+        """The embeddings of the prompt's part after the reused prefix, when it carries media or embeds."""
+        suffix = r.prompt[r.written :]
+        if r.embeds is not None:
+            r.suffix_embeds = jnp.asarray(r.embeds[r.written :])
+            return
+        items = [k for start, _, k in r.runs if start >= r.written]
+        if not items:
+            return
+        ids = np.zeros((1, len(suffix)), np.int32)
+        ids[0] = suffix
+        r.suffix_embeds = steps.media_embeds(self.model, ids, [select_items(r.media, items)], f"request {r.id}")[0]
+
+    def _prefill(self, touched) -> None:
+        budget = self.prefill_budget
+        spent = 0
+        pending = sorted((r for r in self.slots if r is not None and r.written < len(r.prompt)), key=lambda r: r.id)
+        for r in pending:
+            while r.written < len(r.prompt):
+                if budget is not None and spent >= budget and spent > 0:
+                    return
+                n = min(len(r.prompt) - r.written, self.prefill_chunk)
+                T = bucket(n)
+                start = r.written
+                ids = np.zeros((1, T), np.int32)
+                ids[0, :n] = r.prompt[start : start + n]
+                embeds = mask = None
+                if r.suffix_embeds is not None:
+                    off = start - r.cached_tokens
+                    part = r.suffix_embeds[off : off + n]
+                    embeds = jnp.pad(part, ((0, T - n), (0, 0)))[None]
+                    mask = jnp.asarray((np.arange(T) < n)[None])
+                final = start + n == len(r.prompt)
+                form = "full" if start == 0 else "absorbed"
+                n_lp = self.max_logprobs if final and r.logprobs is not None else None
+                self.cache, self.ss, out = self.fns.prefill_chunk(
+                    self.state, self.cache, self.ss, self.params, r.slot, jnp.asarray(ids), n, embeds, mask,
+                    form=form, final=final, n_logprobs=n_lp,
+                )  # fmt: skip
+                r.written = start + n
+                spent += n
+                self.stats["prefill_chunks"] += 1
+                self.stats["prefill_tokens"] += n
+                if self.reuse_prefixes:
+                    self.index.set_content(r.slot, r.keys[: r.written])
+                if final:
+                    r.suffix_embeds = None
+                    host = jax.device_get(out)
+                    token, done = host[:2]
+                    r.times["first_token"] = time.perf_counter()
+                    self._emit(r, [int(token[0])], [tuple(x[0] for x in host[2:])] if n_lp is not None else None)
+                    touched[r.id] = r
+                    if bool(done[0]) and not r.finished:
+                        self._finish_on_device_stop(r)
+
+    def _decode(self, touched) -> None:
+        live = [r for r in self.slots if r is not None and r.written == len(r.prompt) and not r.finished]
+        if not live:
+            return
+        n_lp = self.max_logprobs if any(r.logprobs is not None for r in live) else None
+        self.cache, self.ss, out = self.fns.decode_window(
+            self.state, self.cache, self.ss, self.params, steps=self.decode_window, n_logprobs=n_lp
+        )
+        host = jax.device_get(out)
+        count, done, tokens = int(host[0]), host[1], host[2]
+        self.stats["windows"] += 1
+        self.stats["decode_steps"] += count
+        for r in live:
+            column = tokens[:count, r.slot]
+            new = [int(t) for t in column if t != smp.NO_TOKEN]
+            lps = None
+            if n_lp is not None and r.logprobs is not None:
+                lps = [tuple(x[i, r.slot] for x in host[3:]) for i in range(count) if column[i] != smp.NO_TOKEN]
+            if new:
+                self._emit(r, new, lps)
+                touched[r.id] = r
+            if bool(done[r.slot]) and not r.finished:
+                self._finish_on_device_stop(r)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Results
+    # ----------------------------------------------------------------------------------------------------
+
+    def _emit(self, r: Request, new: list[int], lps) -> None:
+        """Append drawn tokens (host-side stop strings cut them and finish the request)."""
+        r.drawn.extend(new)
+        if r.finished:
+            return
+        for i, token in enumerate(new):
+            r.tokens.append(token)
+            if lps is not None:
+                chosen, top_ids, top_values = lps[i]
+                k = r.sampling.logprobs
+                alts = [(int(a), float(b)) for a, b in zip(top_ids[:k], top_values[:k], strict=True)]
+                r.logprobs.append((float(chosen), alts))
+            hit = self._stop_string(r)
+            if hit is not None:
+                self._finish(r, "stop", hit)
+                return
+
+    def _stop_string(self, r: Request) -> str | None:
+        if not r.sampling.stop:
+            return None
+        # Checked after every token, so a stop string is new in the text of the last few tokens.
+        tail = self.tokenizer.decode(r.tokens[-(max(len(s) for s in r.sampling.stop) + 8) :])
+        return next((s for s in r.sampling.stop if s in tail), None)
+
+    def _finish_on_device_stop(self, r: Request) -> None:
+        last = r.tokens[-1] if r.tokens else None
+        if last is not None and last in r.stop_ids:
+            self._finish(r, "stop", last)
+        else:
+            self._finish(r, "length", None)
+
+    def _finish(self, r: Request, reason: str, stop_reason) -> None:
+        if r.finished:
+            return
+        r.finished, r.finish_reason, r.stop_reason = True, reason, stop_reason
+        r.times["finished"] = time.perf_counter()
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def grow(self, max_context: int) -> None:
+        """More positions per slot (contents kept); only between steps."""
+        if max_context > self.max_context:
+            self.cache = self.fns.grow(self.cache, int(max_context))
+            self.max_context = int(max_context)
+
+    def refresh(self) -> None:
+        """Take the model's current parameters (after training or ``set_run`` of the same structure)."""
+        graphdef, self.state = nnx.split(self.text)
+        if graphdef != self.graphdef:
+            self.graphdef, self.fns = graphdef, steps.compiled(graphdef)
