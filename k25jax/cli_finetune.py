@@ -21,6 +21,10 @@ FLAGS = {
     "seed": int,
     "trainable": str,
     "lora_rank": int,
+    "lora_alpha": float,
+    "lora_experts": str,
+    "lora_export": str,
+    "router_bias_update": float,
     "qat_grid": str,
     "qat_scales": str,
     "master_dtype": str,
@@ -62,6 +66,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"data: {data['samples']} samples, {data['tokens']} tokens ({data['assistant_tokens']} trained), "
         f"{data['dropped']} dropped and {data['truncated']} truncated as longer than --max-length"
     )
+    if "lora" in summary:
+        lora = summary["lora"]
+        print(f"lora: {lora['adapter_params']} adapter parameters on {len(lora['targets'])} expert weights")
     print(f"checkpoints: {summary['checkpoints']}")
     if "export" in summary:
         print(f"export: {summary['export']}")
@@ -82,7 +89,23 @@ def register_finetune(sub) -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--trainable", default=None, help="regex over parameter paths (default '^text/')")
-    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument(
+        "--lora-rank", type=int, default=None, help="> 0: train only LoRA adapters of this rank on the INT4 experts"
+    )
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
+    p.add_argument("--lora-experts", default=None, help="regex over routed-expert weight paths to adapt (default all)")
+    p.add_argument(
+        "--lora-export",
+        choices=["adapters", "merge"],
+        default=None,
+        help="--export of a LoRA run: the adapters beside the untouched release (default), or merged and re-quantized",
+    )
+    p.add_argument(
+        "--router-bias-update",
+        type=float,
+        default=None,
+        help="aux-loss-free balancing rate u: bias += u * sign(mean load - load) per step (default 0: bias frozen)",
+    )
     p.add_argument("--qat-grid", choices=["kimi", "compressed-tensors"], default=None)
     p.add_argument("--qat-scales", choices=["dynamic", "frozen", "learned"], default=None)
     p.add_argument("--master-dtype", choices=["float32", "bfloat16"], default=None)

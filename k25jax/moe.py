@@ -137,6 +137,15 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """``x [B, T, D]`` -> ``[B, T, D]``: ``sum_k w_k E_k(x) + shared(x)``. ``layer``: the routed experts are
         layer-stacked (a cached layer scan keeps them whole) and this is layer ``layer``."""
+        return self._apply(x, layer)[0]
+
+    def with_load(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(self(x), load)``: ``load [E]`` int32 counts the tokens with ``valid [B, T]`` routed to each expert
+        (one per (token, choice) pair; padding not counted). For the training loss (router load statistics and the
+        aux-loss-free bias update); the output is what ``self(x)`` computes."""
+        return self._apply(x, None, valid)
+
+    def _apply(self, x: jax.Array, layer, valid=None) -> tuple[jax.Array, jax.Array | None]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         route_params = (self.router[...], self.correction_bias[...])
@@ -148,6 +157,7 @@ class MoE(nnx.Module):
             routed = lambda rows, group_sizes: self.experts.swiglu(rows, group_sizes, whole, layer)
             out = dispatch_combine(tokens, weights, experts, routed, self.cfg.n_routed_experts)
         else:  # experts split over the active mesh: each device runs its own experts on the tokens routed to them
+            experts = None
             lead = ("layers",) if layer is not None else ()
             axes = SwiGLUWeights(*(lead + Experts.AXES[n] for n in Experts.WEIGHTS))
             out = expert_parallel.dispatch_combine(
@@ -162,13 +172,26 @@ class MoE(nnx.Module):
                 layout,
                 self.dtype,
             )
-        return self._add_shared(out, x)
+        load = None
+        if valid is not None:
+            if experts is None:  # routed inside shard_map above: route again here (one [N, D] x [D, E] matmul)
+                experts = route(tokens, *route_params, self.cfg)[1]
+            load = expert_load(experts, valid.reshape(-1), self.cfg.n_routed_experts)
+        return self._add_shared(out, x), load
 
     def _add_shared(self, routed: jax.Array, x: jax.Array) -> jax.Array:
         out = routed.astype(self.dtype).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x)
         return out
+
+
+def expert_load(experts: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
+    """``experts [N, k]`` chosen per token, ``valid [N]`` -> ``[E]`` int32: how many valid tokens chose each
+    expert."""
+    k = experts.shape[-1]
+    weights = jnp.repeat(valid.astype(jnp.int32), k)
+    return jnp.bincount(experts.reshape(-1), weights=weights, length=num_experts).astype(jnp.int32)
 
 
 def dispatch_combine(

@@ -45,11 +45,22 @@ class DecoderLayer(nnx.Module):
         writes its new tokens' latents into layer ``layer`` of it; ``form`` is the MLA form
         (:meth:`k25jax.attention.MLA.__call__`). ``layer`` also tells an MoE whose experts are kept layer-stacked
         which layer it is."""
-        attn_out, cache = self.attn(self.input_norm(h), pos, cache, layer=layer, form=form)
-        h = h + attn_out.astype(h.dtype)
-        x = self.post_attn_norm(h)
+        h, x, cache = self._attend(h, pos, cache, layer, form)
         mlp_out = self.mlp(x, layer) if isinstance(self.mlp, MoE) else self.mlp(x)
         return constrain(h + mlp_out.astype(h.dtype), RESIDUAL), cache
+
+    def with_load(self, h: jax.Array, pos: Positions, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """An MoE layer without a cache: ``(self(h, pos)[0], load [E])``, the tokens with ``valid [B, T]`` routed
+        to each expert (:meth:`k25jax.moe.MoE.with_load`; the training loss's router statistics)."""
+        h, x, _ = self._attend(h, pos, None, None, "full")
+        mlp_out, load = self.mlp.with_load(x, valid)
+        return constrain(h + mlp_out.astype(h.dtype), RESIDUAL), load
+
+    def _attend(self, h, pos, cache, layer, form):
+        """``h += attn(norm(h))``; returns ``(h, post_attn_norm(h), cache)``."""
+        attn_out, cache = self.attn(self.input_norm(h), pos, cache, layer=layer, form=form)
+        h = h + attn_out.astype(h.dtype)
+        return h, self.post_attn_norm(h), cache
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -76,9 +87,10 @@ REMAT = {
 EXPERTS_WHOLE = nnx.PathContains("experts")
 
 
-def scan_layers(stack: nnx.Module, carry, step: Callable, *, remat: str = "none", keep_whole=None):
+def scan_layers(stack: nnx.Module, carry, step: Callable, *, remat: str = "none", keep_whole=None, outputs=False):
     """Run the stacked layers of ``stack`` with ``jax.lax.scan``: ``step(layer, carry, index) -> carry`` for each
-    layer ``index`` in order; returns the final carry.
+    layer ``index`` in order; returns the final carry. With ``outputs``, ``step`` returns ``(carry, y)`` and this
+    ``(carry, ys)``, the ``y`` s stacked on a leading layer axis.
 
     ``keep_whole``: an nnx filter of parameters passed whole (``[L, ...]``) to every step instead of sliced per
     layer (the cached decoder passes :data:`EXPERTS_WHOLE`); a module holding such parameters reads layer
@@ -96,14 +108,15 @@ def scan_layers(stack: nnx.Module, carry, step: Callable, *, remat: str = "none"
 
     def body(carry, xs):
         layer_state, index = xs
-        return step(nnx.merge(graphdef, *whole, layer_state), carry, index), None
+        out = step(nnx.merge(graphdef, *whole, layer_state), carry, index)
+        return out if outputs else (out, None)
 
     if remat not in REMAT:
         raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT)}")
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT[remat])
-    carry, _ = jax.lax.scan(body, carry, (sliced, jnp.arange(count, dtype=jnp.int32)))
-    return carry
+    carry, ys = jax.lax.scan(body, carry, (sliced, jnp.arange(count, dtype=jnp.int32)))
+    return (carry, ys) if outputs else carry
 
 
 class TextModel(nnx.Module):
@@ -164,6 +177,45 @@ class TextModel(nnx.Module):
         them), or None. With ``run.attention_block`` set, every form runs blockwise (masks built per block, none
         dense: :func:`k25jax.attention.blockwise_attention`).
         """
+        pos = self._attention_positions(positions, cache, form, key_valid, segment_ids)
+        if cache is None:
+            for stack in self.stacks().values():
+                h = scan_layers(stack, h, lambda layer, h, i: layer(h, pos, form=form)[0], remat=self.run.remat)
+            return self.norm(h), None
+        stacks = dict(cache.stacks)
+        for name, stack in self.stacks().items():
+
+            def step(layer: DecoderLayer, carry, index):
+                return layer(carry[0], pos, carry[1], layer=index, form=form)
+
+            h, stacks[name] = scan_layers(stack, (h, stacks[name]), step, keep_whole=EXPERTS_WHOLE)
+        return self.norm(h), dataclasses.replace(cache, stacks=stacks)
+
+    def forward_with_load(
+        self,
+        h: jax.Array,
+        positions: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``forward(h, positions, segment_ids=segment_ids)`` (no cache) that also counts the router's choices:
+        returns ``(h, load)``, ``load [L, E]`` int32 the tokens with ``valid [B, T]`` (default all) routed to each
+        expert of each MoE layer (None without MoE layers). The training loss's router statistics; inference calls
+        :meth:`forward`, which counts nothing."""
+        pos = self._attention_positions(positions, None, "full", None, segment_ids)
+        valid = jnp.ones(h.shape[:2], jnp.bool_) if valid is None else valid
+        load = None
+        for stack in self.stacks().values():
+            if isinstance(stack.mlp, MoE):
+                step = lambda layer, h, i: layer.with_load(h, pos, valid)  # noqa: E731
+                h, load = scan_layers(stack, h, step, remat=self.run.remat, outputs=True)
+            else:
+                h = scan_layers(stack, h, lambda layer, h, i: layer(h, pos)[0], remat=self.run.remat)
+        return self.norm(h), load
+
+    def _attention_positions(self, positions, cache, form, key_valid, segment_ids) -> Positions:
+        """The rope angles and masks of :meth:`forward` (see there)."""
         cos, sin = self.rope(positions)
         over_cache = cache is not None and form == "absorbed"
         if self.run.attention_block is not None:
@@ -184,18 +236,7 @@ class TextModel(nnx.Module):
                 if segment_ids is not None:
                     mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
             pos = Positions(positions, cos, sin, mask)
-        if cache is None:
-            for stack in self.stacks().values():
-                h = scan_layers(stack, h, lambda layer, h, i: layer(h, pos, form=form)[0], remat=self.run.remat)
-            return self.norm(h), None
-        stacks = dict(cache.stacks)
-        for name, stack in self.stacks().items():
-
-            def step(layer: DecoderLayer, carry, index):
-                return layer(carry[0], pos, carry[1], layer=index, form=form)
-
-            h, stacks[name] = scan_layers(stack, (h, stacks[name]), step, keep_whole=EXPERTS_WHOLE)
-        return self.norm(h), dataclasses.replace(cache, stacks=stacks)
+        return pos
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final hidden ``[..., D]`` -> float32 logits ``[..., V]`` (on a mesh: split over the vocabulary)."""

@@ -31,7 +31,7 @@ Export, two ways:
     ``<path>`` the k25jax weight path, dots for slashes (``text.moe_layers.mlp.experts.gate_proj.a``), in the math
     layout (``x @ a @ b``; layer-stacked ``[L, E, ...]`` as the model holds them; not PEFT's ``lora_A [r, in]``);
   - ``adapter_config.json``: ``{"format": "k25jax-lora", "version": 1, "rank", "alpha", "scale", "targets",
-    "tensors": {name: {"shape", "dtype"}}}``.
+    "tensors": {name: {"shape", "dtype"}}}`` (and ``"base_model"`` when the writer names it).
 
   :func:`strip_lora` puts the bases back (the model the untouched release holds).
 """
@@ -336,9 +336,10 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> str:
+def save_adapters(model: nnx.Module, directory: str | os.PathLike, *, base_model: str | None = None) -> str:
     """Write the model's adapters (module doc: ``adapters.safetensors`` + ``adapter_config.json``) into
-    ``directory`` (created if needed; the tensors first, the config last, each atomically). Returns the directory."""
+    ``directory`` (created if needed; the tensors first, the config last, each atomically). ``base_model``: the
+    release they apply to, recorded in the config as ``"base_model"`` (informational). Returns the directory."""
     from safetensors.numpy import save_file
 
     loras = [(where, w) for where, _, _, w in _expert_weights(model) if isinstance(w, LoRAWeight)]
@@ -361,6 +362,8 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> str:
         "targets": [where for where, _ in loras],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
     }
+    if base_model is not None:
+        config["base_model"] = base_model
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     meta = {"format": FORMAT, "version": str(VERSION), "rank": str(rank), "alpha": repr(alpha)}

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -102,6 +103,45 @@ def model_loss(model, batch: dict) -> tuple[jax.Array, dict]:
     return loss, {"tokens": tokens}
 
 
+def model_loss_with_load(model, batch: dict) -> tuple[jax.Array, dict]:
+    """:func:`model_loss` (the same loss) plus ``aux["expert_load"] [L, E]`` int32: the batch's real tokens
+    (``segment_ids > 0``) routed to each expert of each MoE layer (:meth:`k25jax.text.TextModel.forward_with_load`)."""
+    text = getattr(model, "text", model)
+    segment_ids = batch["segment_ids"]
+    h, load = text.forward_with_load(
+        text.embed(batch["input_ids"]), batch["positions"], segment_ids=segment_ids, valid=segment_ids > 0
+    )
+    loss, tokens = token_loss(text.logits(h), batch["targets"], batch["loss_mask"])
+    aux = {"tokens": tokens}
+    if load is not None:
+        aux["expert_load"] = load
+    return loss, aux
+
+
+def router_bias_step(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """The aux-loss-free balancing update (DeepSeek-V3): per MoE layer ``bias_e += rate * sign(mean(load) -
+    load_e)``, so an expert chosen more often than the mean loses ``rate`` of selection bias and a less chosen one
+    gains it. ``bias [L, E]`` float32, ``load [L, E]`` token counts."""
+    load = load.astype(jnp.float32)
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return (bias + jnp.float32(rate) * jnp.sign(mean - load)).astype(bias.dtype)
+
+
+def load_stats(load) -> dict:
+    """Router load statistics of ``load [L, E]`` token counts (host numpy): ``expert_load_max_mean`` (the largest
+    per-layer ``max / mean`` load ratio, 1.0 is perfectly balanced), ``experts_unused`` (experts no token chose,
+    summed over layers), and per layer the lists ``expert_load_max_mean_per_layer``, ``experts_unused_per_layer``."""
+    load = np.asarray(load, np.float64)
+    ratio = load.max(-1) / np.maximum(load.mean(-1), 1e-9)
+    unused = (load == 0).sum(-1)
+    return {
+        "expert_load_max_mean": float(ratio.max()),
+        "experts_unused": int(unused.sum()),
+        "expert_load_max_mean_per_layer": [round(float(r), 4) for r in ratio],
+        "experts_unused_per_layer": [int(u) for u in unused],
+    }
+
+
 def _round_ste(w: jax.Array, dtype) -> jax.Array:
     """``w`` rounded to ``dtype`` and back, with a straight-through gradient. Bit-exact: ``r - w`` is exact for ``r``
     within a factor 2 of ``w`` (Sterbenz), so ``w + (r - w) == r``."""
@@ -135,18 +175,21 @@ def make_train_step(
     storage_dtype=None,
 ):
     """A jitted ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)``; the trainable
-    parameters and optimizer state are donated. Metrics: ``loss``, ``grad_norm``, ``lr``, ``tokens``. With
+    parameters and optimizer state are donated; ``frozen`` is one ``nnx.State`` or a tuple of them. Metrics:
+    ``loss``, ``grad_norm``, ``lr``, ``tokens`` (and ``expert_load [L, E]`` with :func:`model_loss_with_load`). With
     ``storage_dtype`` the forward uses :func:`storage_rounded` parameters."""
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(trainable, opt_state, frozen, batch):
         def loss_of(params):
-            return loss_fn(nnx.merge(graphdef, storage_rounded(params, storage_dtype), frozen), batch)
+            return loss_fn(_merge(graphdef, storage_rounded(params, storage_dtype), frozen), batch)
 
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": aux["tokens"]}
+        if "expert_load" in aux:
+            metrics["expert_load"] = aux["expert_load"]
         if schedule is not None:
             metrics["lr"] = schedule(jnp.maximum(_count(opt_state) - 1, 0))  # the rate this step used
         return trainable, opt_state, metrics
@@ -159,10 +202,16 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn=model_loss, storage_dtype=Non
 
     @jax.jit
     def evaluate(trainable, frozen, batch):
-        loss, aux = loss_fn(nnx.merge(graphdef, storage_rounded(trainable, storage_dtype), frozen), batch)
+        loss, aux = loss_fn(_merge(graphdef, storage_rounded(trainable, storage_dtype), frozen), batch)
         return {"loss": loss, "tokens": aux["tokens"]}
 
     return evaluate
+
+
+def _merge(graphdef: nnx.GraphDef, params, frozen) -> nnx.Module:
+    """The model of ``params`` and ``frozen``: one ``nnx.State``, or a tuple of them (the trainer passes the
+    router's correction biases apart when it updates them)."""
+    return nnx.merge(graphdef, params, *(frozen if isinstance(frozen, tuple) else (frozen,)))
 
 
 def _count(opt_state: Any) -> jax.Array:

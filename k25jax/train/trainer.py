@@ -6,21 +6,28 @@
 1. everything is checked before the first step: the model loads, the data (and eval data) read and tokenize
    (:class:`~k25jax.train.data.DataError` names the file and line), the trainable pattern matches something;
 2. the routed experts whose masters the pattern trains become fake-quant weights (:mod:`k25jax.train.qat`); the
-   rest stay INT4-packed; optimizer state exists for the trainable leaves only;
+   rest stay INT4-packed; optimizer state exists for the trainable leaves only. With ``lora_rank`` the experts stay
+   INT4 instead and only LoRA adapters on them train (:mod:`k25jax.train.lora`); the pattern then selects adapters;
 3. steps run jitted with the state donated; a tqdm bar shows loss, lr, grad norm and tokens/s; metrics go to
-   ``OUT/metrics.jsonl`` and TensorBoard event files in ``OUT/tensorboard``; eval loss at intervals;
+   ``OUT/metrics.jsonl`` and TensorBoard event files in ``OUT/tensorboard``; eval loss at intervals; the router's
+   per-expert load each step (max / mean, experts never chosen); the correction bias is frozen unless
+   ``router_bias_update`` > 0 (the aux-loss-free update, :func:`~k25jax.train.step.router_bias_step`);
 4. an orbax ``CheckpointManager`` in ``OUT/checkpoints`` keeps parameters, optimizer state, the data position,
    the RNG key and the step (written atomically by orbax); ``resume=True`` continues from the latest up to
    ``steps`` in total, bit for bit as if never interrupted;
 5. a NaN or infinite loss stops the run with :class:`TrainingError`; the last good checkpoint stays;
 6. ``export`` writes a complete release directory (config, index, shards, tokenizer and chat-template files) with
    the fake-quant experts as the INT4 weights they stand for, through the exporter registered under the
-   ``k25jax.exporters`` entry point (the ``convert`` package's; the library never imports it).
+   ``k25jax.exporters`` entry point (the ``convert`` package's; the library never imports it). A LoRA run writes
+   its adapters there (``lora_export="adapters"``: to apply to the untouched release with
+   :func:`~k25jax.train.lora.load_adapters`) or merges them into re-quantized INT4 experts and writes the release
+   (``"merge"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,8 +43,23 @@ from flax import nnx
 from k25jax.config import RunConfig
 from k25jax.sharding import use_mesh
 from k25jax.train import data as train_data
-from k25jax.train.qat import QATError, to_fake_quant, to_int4, trainable_filter, trainable_paths
-from k25jax.train.step import OptimizerConfig, make_eval_step, make_train_step, split_model
+from k25jax.train.qat import (
+    ROUTER_BIAS,
+    QATError,
+    module_path,
+    to_fake_quant,
+    to_int4,
+    trainable_filter,
+    trainable_paths,
+)
+from k25jax.train.step import (
+    OptimizerConfig,
+    load_stats,
+    make_eval_step,
+    make_train_step,
+    model_loss_with_load,
+    router_bias_step,
+)
 
 
 class TrainingError(RuntimeError):
@@ -63,7 +85,11 @@ class FinetuneConfig:
     optimizer_state_dtype: str = "float32"
     seed: int = 0
     trainable: str = r"^text/"
-    lora_rank: int = 0
+    lora_rank: int = 0  # > 0: LoRA of this per-expert rank on the INT4 routed experts, only the adapters train
+    lora_alpha: float | None = None  # None: the rank (scale alpha / rank = 1)
+    lora_experts: str = r".*"  # which routed-expert weights get adapters (regex over their paths)
+    lora_export: str = "adapters"  # "adapters": beside the untouched release; "merge": re-quantized into it
+    router_bias_update: float = 0.0  # 0: correction bias frozen; u > 0: bias_e += u * sign(mean load - load_e)
     qat_grid: str = "kimi"
     storage_dtype: str | None = "bfloat16"  # the release's float dtype: the forward sees parameters rounded to it
     qat_scales: str = "dynamic"
@@ -120,18 +146,36 @@ class FinetuneConfig:
         for name in ("batch_size", "max_length", "accumulate", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise QATError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lora_rank:
-            raise QATError("--lora-rank: LoRA runs through k25jax.train.lora (not wired into finetune yet)")
+        if self.lora_rank < 0:
+            raise QATError(f"--lora-rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        if self.lora_export not in LORA_EXPORTS:
+            raise QATError(f"--lora-export {self.lora_export!r} is not one of {LORA_EXPORTS}")
+        if not (self.router_bias_update >= 0 and math.isfinite(self.router_bias_update)):
+            raise QATError(f"--router-bias-update must be >= 0 (0: bias frozen), got {self.router_bias_update}")
+        if self.lora_rank and self.router_bias_update and self.export and self.lora_export == "adapters":
+            raise QATError(
+                "--router-bias-update with --lora-export adapters: the updated correction biases live in the "
+                "release, which an adapters export leaves untouched; use --lora-export merge"
+            )
+
+
+LORA_EXPORTS = ("adapters", "merge")
 
 
 @dataclasses.dataclass
 class RunState:
-    """What one step changes, and what a checkpoint holds."""
+    """What one step changes, and what a checkpoint holds (``router``: the correction biases, only when they
+    update)."""
 
     trainable: Any
     opt_state: Any
     rng: jax.Array
     step: int
+    router: Any = None
+
+    def frozen_parts(self, frozen):
+        """The step's ``frozen`` argument: ``frozen``, or ``(router, frozen)`` when the router biases update."""
+        return frozen if self.router is None else (self.router, frozen)
 
 
 def load_for_training(cfg: FinetuneConfig):
@@ -147,13 +191,61 @@ def load_for_training(cfg: FinetuneConfig):
     return k25jax.load_model(cfg.model, run, progress=cfg.progress), Tokenizer.from_pretrained(cfg.model)
 
 
-def prepare(model, cfg: FinetuneConfig):
-    """Fake-quant the routed experts whose masters the trainable pattern selects (``.../experts/gate_proj/master``);
-    return ``(graphdef, trainable, frozen, trainable paths)``. A pattern that trains nothing is an error."""
+@dataclasses.dataclass
+class Prepared:
+    """The model split for training: ``nnx.merge(graphdef, trainable, *([router] if router else []), frozen)``."""
+
+    graphdef: nnx.GraphDef
+    trainable: Any
+    router: Any  # the MoE layers' correction biases, split apart when they update; else None (inside frozen)
+    frozen: Any
+    paths: list[str]
+    lora: Any = None  # the LoRAReport of a LoRA run
+
+    def merge(self, trainable, router=None):
+        parts = [trainable] + ([router] if router is not None else []) + [self.frozen]
+        return nnx.merge(self.graphdef, *parts)
+
+
+def _router_bias(path, value) -> bool:
+    return isinstance(value, nnx.Param) and module_path(path).endswith(ROUTER_BIAS)
+
+
+def prepare(model, cfg: FinetuneConfig, mesh=None) -> Prepared:
+    """Fake-quant the routed experts whose masters the trainable pattern selects (``.../experts/gate_proj/master``),
+    or, with ``lora_rank``, put LoRA adapters on the (INT4, frozen) routed experts and train only those the pattern
+    selects (``.../experts/gate_proj/a``); split the model. A pattern that trains nothing is an error. ``mesh``: the
+    mesh ``model`` is placed on (the new adapters are placed by their logical axes too)."""
+    lora = None
+    if cfg.lora_rank:
+        from k25jax.train.lora import apply_lora, lora_filter
+
+        lora = apply_lora(model, experts=cfg.lora_experts, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed)
+        if mesh is not None:
+            from k25jax.sharding import shard_model
+
+            model = shard_model(model, mesh, "train")  # the placed arrays stay where they are
+        flt = lora_filter(cfg.trainable)
+    else:
+        _fake_quant_chosen(model, cfg)
+        flt = trainable_filter(cfg.trainable)
+    paths = trainable_paths(model, flt)
+    if not paths:
+        what = "LoRA adapter" if lora else "trainable parameter"
+        raise QATError(f"--trainable {cfg.trainable!r} matches no {what} of model {cfg.model!r}")
+    if cfg.router_bias_update:
+        graphdef, trainable, router, frozen = nnx.split(model, flt, _router_bias, ...)
+        if not jax.tree.leaves(router):
+            raise QATError(f"--router-bias-update: model {cfg.model!r} has no MoE layer")
+    else:
+        (graphdef, trainable, frozen), router = nnx.split(model, flt, ...), None
+    return Prepared(graphdef, trainable, router, frozen, paths, lora)
+
+
+def _fake_quant_chosen(model, cfg: FinetuneConfig) -> None:
     import re
 
     from k25jax.moe import Experts
-    from k25jax.train.qat import module_path
 
     regex = re.compile(cfg.trainable)
     chosen = [
@@ -166,12 +258,17 @@ def prepare(model, cfg: FinetuneConfig):
     if chosen:
         exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
         to_fake_quant(model, experts=exact, grid=cfg.qat_grid, scales=cfg.qat_scales, master_dtype=cfg.master_dtype)
-    flt = trainable_filter(cfg.trainable)
-    paths = trainable_paths(model, flt)
-    if not paths:
-        raise QATError(f"--trainable {cfg.trainable!r} matches no trainable parameter of model {cfg.model!r}")
-    graphdef, trainable, frozen = split_model(model, flt)
-    return graphdef, trainable, frozen, paths
+
+
+def update_router(router, load: jax.Array, rate: float):
+    """The router state (the MoE stack's ``correction_bias [L, E]``) after :func:`~k25jax.train.step.router_bias_step`
+    with the step's ``load [L, E]``."""
+    flat = nnx.to_flat_state(router)
+    if len(flat) != 1 or tuple(flat[0][1].shape) != tuple(load.shape):
+        shapes = {module_path(p): tuple(v.shape) for p, v in flat}
+        raise TrainingError(f"--router-bias-update: one correction bias of shape {tuple(load.shape)}, got {shapes}")
+    ((path, var),) = flat
+    return nnx.from_flat_state([(path, var.replace(router_bias_step(var.get_value(), load, rate)))])
 
 
 class MetricsLog:
@@ -188,7 +285,8 @@ class MetricsLog:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         for key, value in values.items():
-            self.board.add_scalar(key, value, step)
+            if isinstance(value, int | float):  # per-layer lists stay in the JSON lines
+                self.board.add_scalar(key, value, step)
 
     def close(self) -> None:
         self.file.close()
@@ -205,12 +303,11 @@ def _checkpointer(out: str, keep: int):
 def _save(manager, state: RunState, batches, cfg: FinetuneConfig) -> None:
     import orbax.checkpoint as ocp
 
-    tree = {"trainable": state.trainable, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
     meta = {"step": state.step, "settings": _fingerprint(cfg)}
     manager.save(
         state.step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree),
+            state=ocp.args.StandardSave(_tree(state)),
             data=ocp.args.JsonSave(batches.get_state()),
             meta=ocp.args.JsonSave(meta),
         ),
@@ -222,8 +319,7 @@ def _restore(manager, state: RunState, batches, cfg: FinetuneConfig) -> RunState
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
-    tree = {"trainable": state.trainable, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _tree(state))
     got = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -236,7 +332,15 @@ def _restore(manager, state: RunState, batches, cfg: FinetuneConfig) -> RunState
         raise TrainingError(f"--resume: the checkpoint in {cfg.out} was made with other settings: {differ}")
     batches.set_state(got["data"])
     restored = got["state"]
-    return RunState(restored["trainable"], restored["opt_state"], jax.random.wrap_key_data(restored["rng"]), step)
+    rng = jax.random.wrap_key_data(restored["rng"])
+    return RunState(restored["trainable"], restored["opt_state"], rng, step, restored.get("router"))
+
+
+def _tree(state: RunState) -> dict:
+    tree = {"trainable": state.trainable, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
+    if state.router is not None:
+        tree["router"] = state.router
+    return tree
 
 
 def _fingerprint(cfg: FinetuneConfig) -> dict:
@@ -245,6 +349,11 @@ def _fingerprint(cfg: FinetuneConfig) -> dict:
         "model data batch_size max_length lr warmup weight_decay clip_norm accumulate optimizer_state_dtype seed "
         "trainable qat_grid qat_scales master_dtype storage_dtype overlong dtype"
     ).split()
+    # Added only when on, so checkpoints written before these settings existed still resume.
+    if cfg.lora_rank:
+        keep += ["lora_rank", "lora_alpha", "lora_experts"]
+    if cfg.router_bias_update:
+        keep += ["router_bias_update"]
     return {k: getattr(cfg, k) for k in keep}
 
 
@@ -299,22 +408,30 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
         mesh = make_mesh(**mesh_sizes(cfg.mesh, jax.device_count()))
         model = shard_model(model, mesh, "train")
-    graphdef, trainable, frozen, paths = prepare(model, cfg)
+    prepared = prepare(model, cfg, mesh)
+    graphdef, frozen = prepared.graphdef, prepared.frozen
     optimizer = cfg.optimizer()
     tx = optimizer.build()
     schedule = optimizer.schedule()
-    state = RunState(trainable, tx.init(trainable), jax.random.key(cfg.seed), 0)
+    state = RunState(prepared.trainable, tx.init(prepared.trainable), jax.random.key(cfg.seed), 0, prepared.router)
     os.makedirs(cfg.out, exist_ok=True)
     manager = _checkpointer(cfg.out, cfg.keep_checkpoints)
     if cfg.resume and manager.latest_step() is not None:
         state = _restore(manager, state, batches, cfg)
     elif not cfg.resume and manager.latest_step() is not None:
         raise TrainingError(f"{cfg.out} already holds checkpoints (up to step {manager.latest_step()}): pass --resume")
-    step_fn = make_train_step(graphdef, tx, schedule, storage_dtype=cfg.storage_dtype)
+    step_fn = make_train_step(graphdef, tx, schedule, loss_fn=model_loss_with_load, storage_dtype=cfg.storage_dtype)
+    update_bias = jax.jit(functools.partial(update_router, rate=cfg.router_bias_update))
     evaluator = make_eval_step(graphdef, storage_dtype=cfg.storage_dtype)
     log = MetricsLog(cfg.out, resume=cfg.resume)
     stats = batches.stats
-    summary: dict[str, Any] = {"trainable": len(paths), "data": dataclasses.asdict(stats), "start_step": state.step}
+    summary: dict[str, Any] = {
+        "trainable": len(prepared.paths),
+        "data": dataclasses.asdict(stats),
+        "start_step": state.step,
+    }
+    if prepared.lora is not None:
+        summary["lora"] = {"targets": prepared.lora.targets, "adapter_params": prepared.lora.adapter_params}
     last = {}
     bar = tqdm(total=cfg.steps, initial=state.step, desc="finetune", disable=not cfg.progress, unit="step")
     place = _batch_placer(mesh)
@@ -323,7 +440,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
             batch = place(next(batches))
             t0 = time.perf_counter()
             with use_mesh(mesh):
-                trainable, opt_state, metrics = step_fn(state.trainable, state.opt_state, frozen, batch)
+                trainable, opt_state, metrics = step_fn(
+                    state.trainable, state.opt_state, state.frozen_parts(frozen), batch
+                )
+            load = metrics.pop("expert_load", None)
             values = {k: float(v) for k, v in metrics.items()}
             seconds = time.perf_counter() - t0
             if not math.isfinite(values["loss"]):
@@ -331,13 +451,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
                     f"step {state.step + 1}: the loss is {values['loss']}; stopping (the last good checkpoint in "
                     f"{os.path.join(cfg.out, 'checkpoints')} is step {manager.latest_step()})"
                 )
-            state = RunState(trainable, opt_state, jax.random.fold_in(state.rng, state.step), state.step + 1)
+            router = state.router
+            if load is not None:
+                if router is not None:
+                    with use_mesh(mesh):
+                        router = update_bias(router, load)
+                values.update(load_stats(jax.device_get(load)))
+            state = RunState(trainable, opt_state, jax.random.fold_in(state.rng, state.step), state.step + 1, router)
             values["tokens_per_s"] = float(np.sum(batch["segment_ids"] > 0)) / max(seconds, 1e-9)
             if eval_samples is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                 eval_batches = train_data.make_batches(
                     eval_samples, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=0, num_epochs=1
                 )
-                values["eval_loss"] = evaluate(evaluator, state.trainable, frozen, eval_batches)
+                values["eval_loss"] = evaluate(evaluator, state.trainable, state.frozen_parts(frozen), eval_batches)
             log.write(state.step, values)
             last = values
             bar.set_postfix(
@@ -355,27 +481,31 @@ def finetune(cfg: FinetuneConfig) -> dict:
         manager.close()
     summary.update(steps=state.step, last=last, checkpoints=os.path.join(cfg.out, "checkpoints"))
     if cfg.export:
-        trained = nnx.merge(graphdef, _stored(state.trainable, cfg), frozen)
-        summary["export"] = export_release(trained, cfg, tokenizer)
+        trained = prepared.merge(_stored(state.trainable, cfg), state.router)
+        summary["export"] = (
+            export_lora(trained, cfg, tokenizer) if cfg.lora_rank else export_release(trained, cfg, tokenizer)
+        )
     return summary
 
 
 def trained_model(cfg: FinetuneConfig):
     """The model at the latest checkpoint of ``cfg.out`` as its forward computed (fake-quant experts, the other
-    trainable parameters rounded to the storage dtype): what ``export`` writes."""
+    trainable parameters rounded to the storage dtype; a LoRA run's adapters on the INT4 experts, as
+    :func:`~k25jax.train.lora.load_adapters` re-applies them): what ``export`` writes."""
     model, tokenizer = load_for_training(cfg)
-    graphdef, trainable, frozen, _ = prepare(model, cfg)
+    prepared = prepare(model, cfg)
+    trainable = prepared.trainable
     optimizer = cfg.optimizer().build()
     manager = _checkpointer(cfg.out, cfg.keep_checkpoints)
     if manager.latest_step() is None:
         raise TrainingError(f"{cfg.out}: no checkpoint")
-    state = RunState(trainable, optimizer.init(trainable), jax.random.key(cfg.seed), 0)
+    state = RunState(trainable, optimizer.init(trainable), jax.random.key(cfg.seed), 0, prepared.router)
     batches = train_data.make_batches(
         cfg.data, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed
     )
     state = _restore(manager, state, batches, dataclasses.replace(cfg, resume=True))
     manager.close()
-    return nnx.merge(graphdef, _stored(state.trainable, cfg), frozen)
+    return prepared.merge(_stored(state.trainable, cfg), state.router)
 
 
 def _stored(trainable, cfg: FinetuneConfig):
@@ -400,6 +530,20 @@ def exporter():
             "(install k25jax with its convert package: pip install -e .)"
         )
     return found[0].load()
+
+
+def export_lora(model, cfg: FinetuneConfig, tokenizer) -> str:
+    """A LoRA run's export at ``cfg.export``: ``lora_export="adapters"`` writes the adapters
+    (:func:`~k25jax.train.lora.save_adapters`; the release itself is untouched, ``load_adapters`` re-applies them to
+    it bit for bit); ``"merge"`` merges them into the experts re-quantized on ``qat_grid``
+    (:func:`~k25jax.train.lora.merge_lora`, not exact) and writes that release (:func:`export_release`)."""
+    from k25jax.train.lora import merge_lora, save_adapters
+
+    if cfg.lora_export == "adapters":
+        base = cfg.model if cfg.model == "tiny" else os.path.abspath(cfg.model)
+        return save_adapters(model, cfg.export, base_model=base)
+    merge_lora(model, cfg.qat_grid)
+    return export_release(model, cfg, tokenizer)
 
 
 def export_release(model, cfg: FinetuneConfig, tokenizer) -> str:
