@@ -13,9 +13,8 @@ from k25jax.config import RunConfig, k25, tiny
 from k25jax.moe import Experts
 from k25jax.plan import cache_bytes, collectives, param_bytes, plan, trainable_bytes
 from k25jax.quant import Int4Packed, Int4Scales
-from k25jax.sampling import SlotParams
 from k25jax.serve import steps as engine_steps
-from k25jax.serve.steps import SlotState, extend, prefill
+from k25jax.serve.steps import extend, prefill
 from k25jax.sharding import (
     ShardingError,
     abstract_mesh,
@@ -146,10 +145,7 @@ def _hlo(model, mesh, ids, steps):
     with use_mesh(mesh):
         first = engine_steps._prefill.lower(graphdef, state, ids, jnp.asarray(LENGTHS), cache, None, None)
         step = engine_steps._extend.lower(graphdef, state, steps[0], jnp.ones((B,), jnp.int32), cache, True)
-        # The engine's decode window (what serving runs): every slot's step, sampling included.
-        ss, params = SlotState.empty(B, model.cfg.text.vocab_size), SlotParams.empty(B, 4, 4)
-        window = engine_steps.compiled(graphdef).decode_window.lower(state, cache, ss, params, steps=2, n_logprobs=None)
-        return first.compile().as_text() + step.compile().as_text() + window.compile().as_text()
+        return first.compile().as_text() + step.compile().as_text()
 
 
 def _weight_sized(ops, slices):
