@@ -609,7 +609,9 @@ def _parse_call(chunk: str, k: int, errors: list[str]) -> dict | None:
     if not sep:
         errors.append(f"tool call {k} has no arguments marker; arguments set to {{}}")
         args = "{}"
-    name = call_id.split(":")[0].split(".")[-1]
+    # ``functions.NAME:IDX``: the name is what lies between the namespace and the index, dots and dashes kept.
+    name = call_id.rsplit(":", 1)[0] if ":" in call_id else call_id
+    name = name.removeprefix("functions.")
     if not name:
         errors.append(f"tool call {k} has no function name; dropped")
         return None

@@ -29,7 +29,8 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,21 @@ from k25jax.tokenizer import NUM_SPECIAL, special_token_id
 
 class EngineError(ValueError):
     """A request the engine cannot take; the message names the request and the field at fault."""
+
+
+class Guide(Protocol):
+    """Guided decoding of one request (``k25jax.serve.guided``): a host-side grammar matcher.
+
+    ``fill(row)`` writes the allowed next tokens into ``row`` (int32 words, bit ``v % 32`` of word ``v // 32``),
+    ``advance(token)`` consumes the drawn token, ``finished()`` says the grammar is complete (the request then
+    stops with ``finish_reason`` ``"stop"``). Slots with a guide decode one step per window.
+    """
+
+    def fill(self, row: np.ndarray) -> None: ...
+
+    def advance(self, token: int) -> None: ...
+
+    def finished(self) -> bool: ...
 
 
 def default_stop_ids(model) -> tuple[int, ...]:
@@ -80,7 +96,7 @@ class Request:
         completes it).
       logprobs: with ``sampling.logprobs`` set, per token ``(logprob, [(id, logprob), ...])``.
       finished / finish_reason: ``"stop"`` (a stop id or string), ``"length"`` (max_tokens or the context),
-        ``"cancelled"``; ``stop_reason`` is the stop id or string that ended it.
+        ``"cancelled"``, ``"error"`` (``error`` says why); ``stop_reason`` is the stop id or string that ended it.
       cached_tokens: prompt tokens taken from the cache (prefix reuse).
       times: ``submitted``, ``first_token``, ``finished`` (``time.perf_counter``).
     """
@@ -108,6 +124,9 @@ class Request:
     suffix_embeds: jax.Array | None = dataclasses.field(default=None, repr=False)
     drawn: list[int] = dataclasses.field(default_factory=list, repr=False)  # all drawn on device (>= tokens)
     cancel_requested: bool = False
+    guide: Any = dataclasses.field(default=None, repr=False)
+    on_update: Callable[[Request], None] | None = dataclasses.field(default=None, repr=False)
+    error: str | None = None
 
     @property
     def usage(self) -> dict:
@@ -176,6 +195,7 @@ class Engine:
         self.bias_width, self.stop_width = int(bias_width), int(stop_width)
         self.default_max_tokens = default_max_tokens
         self.vocab = cfg.vocab_size
+        self.mask_words = -(-self.vocab // 32)
         self.default_stop = default_stop_ids(model)
         has_vision = getattr(model, "vision", None) is not None
         self.pad_id = model.cfg.media_placeholder_token_id if has_vision else None
@@ -217,8 +237,14 @@ class Engine:
         media=None,
         inputs_embeds=None,
         max_tokens: int | None = None,
+        guide: Guide | None = None,
+        on_update: Callable[[Request], None] | None = None,
     ) -> Request:
         """Queue a request; return its :class:`Request` (filled in as the engine runs).
+
+        ``guide``: a :class:`Guide` restricting the tokens (JSON schema, tool calls); ``on_update(request)`` is
+        called (from the thread stepping the engine) after every step in which the request got tokens or
+        finished.
 
         ``prompt``: token ids (media placeholders expanded, as ``k25jax.chat.prepare`` gives them); ``media``:
         anything ``k25jax.media.as_media`` takes; ``inputs_embeds``: ``[len(prompt), D]`` embeddings replacing
@@ -276,16 +302,20 @@ class Engine:
             keys=keys,
             runs=runs,
             logprobs=[] if sampling.logprobs is not None else None,
+            guide=guide,
+            on_update=on_update,
         )
         smp.slot_row(sampling, seed, request.max_tokens, stop_ids, self.bias_width, self.stop_width)  # size check
         request.times["submitted"] = time.perf_counter()
         with self._lock:
             self.waiting.append(request)
+        self._notify()
         return request
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``: it frees its slot at the next step boundary (``finish_reason`` ``"cancelled"``)."""
         request.cancel_requested = True
+        self._notify()
 
     @property
     def idle(self) -> bool:
@@ -310,7 +340,65 @@ class Engine:
             self._admit()
             self._prefill(touched)
             self._decode(touched)
+        for r in touched.values():
+            if r.on_update is not None:
+                r.on_update(r)
         return list(touched.values())
+
+    # ----------------------------------------------------------------------------------------------------
+    # Background loop (the server)
+    # ----------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Step in a background thread whenever requests are waiting or running; :meth:`submit` and
+        :meth:`cancel` may then be called from any thread. A step that raises fails every request in the
+        engine (``finish_reason`` ``"error"``, ``request.error`` the message) and the loop goes on."""
+        if getattr(self, "_thread", None) is not None:
+            return
+        self._running = True
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="k25jax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the background loop (requests still running stay as they are)."""
+        thread = getattr(self, "_thread", None)
+        if thread is None:
+            return
+        self._running = False
+        self._wake.set()
+        thread.join()
+        self._thread = None
+
+    def _notify(self) -> None:
+        wake = getattr(self, "_wake", None)
+        if wake is not None:
+            wake.set()
+
+    def _loop(self) -> None:
+        while self._running:
+            if self.idle:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 (report to every request, keep serving)
+                self._fail_all(f"{type(err).__name__}: {err}")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            failed = list(self.waiting) + [r for r in self.slots if r is not None]
+            self.waiting.clear()
+        for r in failed:
+            r.error = message
+            self._finish(r, "error", None)
+        self.slots = [None] * self.max_slots
+        self.ss = self._place(steps.SlotState.empty(self.max_slots, self.vocab))
+        self.index = PrefixIndex(self.max_slots, self.index.block_size)
+        for r in failed:
+            if r.on_update is not None:
+                r.on_update(r)
 
     def _cancellations(self, touched) -> None:
         with self._lock:
@@ -397,9 +485,14 @@ class Engine:
                 final = start + n == len(r.prompt)
                 form = "full" if start == 0 else "absorbed"
                 n_lp = self.max_logprobs if final and r.logprobs is not None else None
+                bitmask = None
+                if final and r.guide is not None:
+                    bitmask = np.zeros((1, self.mask_words), np.int32)
+                    r.guide.fill(bitmask[0])
+                    bitmask = jnp.asarray(bitmask)
                 self.cache, self.ss, out = self.fns.prefill_chunk(
                     self.state, self.cache, self.ss, self.params, r.slot, jnp.asarray(ids), n, embeds, mask,
-                    form=form, final=final, n_logprobs=n_lp,
+                    bitmask, form=form, final=final, n_logprobs=n_lp,
                 )  # fmt: skip
                 r.written = start + n
                 spent += n
@@ -422,9 +515,17 @@ class Engine:
         if not live:
             return
         n_lp = self.max_logprobs if any(r.logprobs is not None for r in live) else None
+        guided = [r for r in live if r.guide is not None]
+        bitmask = None
+        if guided:  # the masks change with every token: one step per window
+            bitmask = np.full((self.max_slots, self.mask_words), -1, np.int32)
+            for r in guided:
+                r.guide.fill(bitmask[r.slot])
+            bitmask = jnp.asarray(bitmask)
         self.cache, self.ss, out = self.fns.decode_window(
-            self.state, self.cache, self.ss, self.params, steps=self.decode_window, n_logprobs=n_lp
-        )
+            self.state, self.cache, self.ss, self.params, bitmask,
+            steps=1 if guided else self.decode_window, n_logprobs=n_lp,
+        )  # fmt: skip
         host = jax.device_get(out)
         count, done, tokens = int(host[0]), host[1], host[2]
         self.stats["windows"] += 1
@@ -452,6 +553,8 @@ class Engine:
             return
         for i, token in enumerate(new):
             r.tokens.append(token)
+            if r.guide is not None:
+                r.guide.advance(token)
             if lps is not None:
                 chosen, top_ids, top_values = lps[i]
                 k = r.sampling.logprobs
@@ -460,6 +563,9 @@ class Engine:
             hit = self._stop_string(r)
             if hit is not None:
                 self._finish(r, "stop", hit)
+                return
+            if r.guide is not None and r.guide.finished() and token not in r.stop_ids:
+                self._finish(r, "stop", None)
                 return
 
     def _stop_string(self, r: Request) -> str | None:

@@ -79,15 +79,26 @@ def _set_cache_row(cache: LatentCache, slot, row: LatentCache) -> LatentCache:
     return LatentCache(stacks=stacks, lengths=jax.lax.dynamic_update_slice_in_dim(cache.lengths, row.lengths, slot, 0))
 
 
-def _choose(logits, params: smp.SlotParams, ss: SlotState, live, lengths, max_len: int, n_logprobs):
+def unpack_bitmask(bitmask: jax.Array, vocab: int) -> jax.Array:
+    """``[B, ceil(V / 32)]`` int32 words (bit ``v % 32`` of word ``v // 32`` set: token ``v`` allowed, the
+    llguidance layout) -> ``[B, V]`` bool."""
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    return ((bitmask[:, ids >> 5] >> (ids & 31)) & 1).astype(bool)
+
+
+def _choose(logits, params: smp.SlotParams, ss: SlotState, live, lengths, max_len: int, n_logprobs, bitmask=None):
     """Draw the next token of every live row from float32 ``logits [B, V]``; update the slot state.
 
     A row finishes on a stop id (kept as its last token), at its ``max_tokens``, or when the token just drawn
-    takes the last cache slot (it is never fed back). Returns ``(tokens [B], state, logprob outputs)``; rows
+    takes the last cache slot (it is never fed back). ``bitmask`` (guided decoding) restricts each row to the
+    tokens its bits allow. Returns ``(tokens [B], state, logprob outputs)``; rows
     not live give :data:`k25jax.sampling.NO_TOKEN` and keep their state.
     """
     B = logits.shape[0]
-    tokens = smp.draw(smp.penalized(logits, params, ss.counts, ss.seen), params, ss.generated)
+    processed = smp.penalized(logits, params, ss.counts, ss.seen)
+    if bitmask is not None:
+        processed = jnp.where(unpack_bitmask(bitmask, logits.shape[-1]), processed, -jnp.inf)
+    tokens = smp.draw(processed, params, ss.generated)
     tokens = jnp.where(live, tokens, smp.NO_TOKEN)
     counts = ss.counts.at[jnp.arange(B), jnp.maximum(tokens, 0)].add(live.astype(jnp.int32))
     generated = ss.generated + live.astype(jnp.int32)
@@ -132,7 +143,9 @@ def _admit(cache, ss: SlotState, params: smp.SlotParams, slot, row: smp.SlotPara
     return dataclasses.replace(cache, lengths=lengths), _set_rows(ss, slot, fresh), params.set_row(slot, row)
 
 
-def _prefill_chunk(graphdef, state, cache, ss, params, slot, ids, n, embeds, mask, *, form, final, n_logprobs):
+def _prefill_chunk(
+    graphdef, state, cache, ss, params, slot, ids, n, embeds, mask, bitmask=None, *, form, final, n_logprobs
+):
     """One chunk ``ids [1, T]`` (``n`` valid) of slot ``slot``'s prompt, at the row's current length."""
     text = nnx.merge(graphdef, state)
     row = _cache_row(cache, slot)
@@ -146,12 +159,15 @@ def _prefill_chunk(graphdef, state, cache, ss, params, slot, ids, n, embeds, mas
     logits = text.logits(last)
     live = jnp.ones((1,), bool)
     ss_row = dataclasses.replace(_rows(ss, slot), done=jnp.zeros((1,), bool))
-    token, ss_row, extra = _choose(logits, params.row(slot), ss_row, live, row.lengths, cache.max_len, n_logprobs)
+    token, ss_row, extra = _choose(
+        logits, params.row(slot), ss_row, live, row.lengths, cache.max_len, n_logprobs, bitmask
+    )
     return cache, _set_rows(ss, slot, ss_row), (token, ss_row.done) + extra
 
 
-def _decode_window(graphdef, state, cache, ss, params, *, steps, n_logprobs):
-    """Up to ``steps`` decode steps of every live slot; ``tokens [steps, B]`` (NO_TOKEN where none)."""
+def _decode_window(graphdef, state, cache, ss, params, bitmask=None, *, steps, n_logprobs):
+    """Up to ``steps`` decode steps of every live slot; ``tokens [steps, B]`` (NO_TOKEN where none). A
+    ``bitmask`` (guided rows; the host updates it per token, so then ``steps`` is 1) applies to every step."""
     text = nnx.merge(graphdef, state)
     B = ss.done.shape[0]
     n = n_logprobs
@@ -171,7 +187,7 @@ def _decode_window(graphdef, state, cache, ss, params, *, steps, n_logprobs):
         h, cache = _cached_forward(text, text.embed(ss.last_token[:, None]), starts, cache, "absorbed")
         lengths = (starts + live.astype(jnp.int32)).astype(jnp.int32)  # rows not live stay put
         cache = dataclasses.replace(cache, lengths=lengths)
-        tokens, ss, extra = _choose(text.logits(h[:, 0]), params, ss, live, lengths, cache.max_len, n)
+        tokens, ss, extra = _choose(text.logits(h[:, 0]), params, ss, live, lengths, cache.max_len, n, bitmask)
         outs = [o.at[i].set(v) for o, v in zip(outs, (tokens, *extra), strict=True)]
         return i + 1, cache, ss, outs
 

@@ -154,3 +154,54 @@ def test_stop_ids_max_tokens_and_context_end_requests(model):
         engine.submit([1, 10**6], GREEDY)
     with pytest.raises(EngineError, match="needs an engine made with a tokenizer"):
         engine.submit([1, 2], Sampling(stop=["x"]))
+
+
+class _OnlyTokens:
+    """A guide allowing only ``allowed`` tokens, complete after ``length`` of them."""
+
+    def __init__(self, allowed, length):
+        self.allowed, self.length, self.seen = allowed, length, []
+
+    def fill(self, row):
+        row[:] = 0
+        for t in self.allowed:
+            row[t // 32] |= np.int32(1 << (t % 32)) if t % 32 != 31 else np.int32(-(2**31))
+
+    def advance(self, token):
+        assert token in self.allowed
+        self.seen.append(token)
+
+    def finished(self):
+        return len(self.seen) >= self.length
+
+
+def test_guide_masks_tokens_and_background_loop_serves_threads(model):
+    """A guided request draws only allowed tokens (one step per window) and stops when its guide is complete;
+    requests submitted from threads to a started engine finish with on_update called, the unguided ones as
+    they would alone."""
+    import threading
+
+    engine = _engine(model)
+    engine.start()
+    try:
+        updates, done = [], threading.Event()
+        guide = _OnlyTokens([5, 63, 64, 999], 5)
+        guided = engine.submit([1, 2, 3], Sampling(temperature=1.0, seed=1, stop_token_ids=()), guide=guide)
+        plain = []
+
+        def client(i):
+            plain.append(engine.submit(_prompts(1, seed=i)[0], GREEDY, max_tokens=6, on_update=updates.append))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        while not (guided.finished and all(r.finished for r in plain)):
+            done.wait(0.05)
+    finally:
+        engine.stop()
+    assert guided.tokens == guide.seen and len(guided.tokens) == 5 and set(guided.tokens) <= {5, 63, 64, 999}
+    assert guided.finish_reason == "stop"
+    for r in plain:
+        assert r.tokens == _alone(model, r.prompt, GREEDY, 6) and r in updates
