@@ -14,7 +14,9 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
     from k25jax.cli_generate import load_model_and_tokenizer, run_config
 
-    model = load_model_and_tokenizer(args.model, run_config(args.model, args.dtype, args.kernels))[0]
+    model = load_model_and_tokenizer(
+        args.model, run_config(args.model, args.dtype, args.kernels, args.attention_block)
+    )[0]
     ids = [int(x) for x in args.ids.split(",") if x.strip()]
     if not ids:
         raise SystemExit("k25jax forward: --ids needs at least one token id")

@@ -81,13 +81,55 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernels", choices=list(KERNELS), default="xla", help="INT4 expert matmuls: XLA (default) or Pallas kernels"
     )
+    p.add_argument(
+        "--attention-block",
+        default="auto",
+        help="MLA attention: N (blockwise, online softmax over N-token blocks), 'plain', or 'auto' (default: "
+        "blockwise 2048 when the context may exceed 32768 tokens, as `k25jax plan` assumes)",
+    )
 
 
-def run_config(model: str, dtype: str | None, kernels: str = "xla"):
-    """The :class:`~k25jax.config.RunConfig` of ``--dtype`` / ``--kernels`` (float32 for the tiny model)."""
+def attention_block(value: str | int | None, context: int | None) -> int | None:
+    """``--attention-block``: an int, None for ``plain``, or for ``auto`` the planner's rule (block 2048 when the
+    context exceeds 32768 tokens). A bad value exits naming the flag."""
+    from k25jax.plan import LONG_CONTEXT, LONG_CONTEXT_BLOCK
+
+    if value in (None, "plain"):
+        return None
+    if value == "auto":
+        return LONG_CONTEXT_BLOCK if context is not None and context > LONG_CONTEXT else None
+    try:
+        block = int(value)
+    except ValueError:
+        raise SystemExit(
+            f"k25jax: --attention-block must be a positive integer, 'plain' or 'auto', got {value!r}"
+        ) from None
+    if block < 1:
+        raise SystemExit(f"k25jax: --attention-block must be positive, got {block}")
+    return block
+
+
+def _context_of(model: str, max_context: int | None) -> int | None:
+    if max_context is not None or model == "tiny":
+        return max_context
+    try:
+        from k25jax import from_release_config
+
+        return from_release_config(model).text.max_position_embeddings
+    except Exception:  # noqa: BLE001 (the loader reports a bad directory with its own message)
+        return None
+
+
+def run_config(model: str, dtype: str | None, kernels: str = "xla", block="plain", max_context: int | None = None):
+    """The :class:`~k25jax.config.RunConfig` of ``--dtype`` / ``--kernels`` / ``--attention-block`` (float32 for the
+    tiny model); ``auto`` decides from ``max_context`` (default: the model's ``max_position_embeddings``)."""
     from k25jax.config import RunConfig
 
-    return RunConfig(compute_dtype=dtype or ("float32" if model == "tiny" else "bfloat16"), kernels=kernels)
+    return RunConfig(
+        compute_dtype=dtype or ("float32" if model == "tiny" else "bfloat16"),
+        kernels=kernels,
+        attention_block=attention_block(block, _context_of(model, max_context)),
+    )
 
 
 def load_model_and_tokenizer(model: str, run, mesh=None):
@@ -119,7 +161,13 @@ def start(args: argparse.Namespace):
     from k25jax import distributed
 
     distributed.initialize(args)
-    run = run_config(args.model, args.dtype, args.kernels)
+    run = run_config(
+        args.model,
+        args.dtype,
+        args.kernels,
+        getattr(args, "attention_block", "plain"),
+        getattr(args, "max_context", None),
+    )
     if args.mesh and args.model != "tiny":  # full-size models load straight onto the mesh, never whole on a host
         mesh = build_mesh(args.mesh, args.command)
         model, tokenizer = _on_mesh(lambda: load_model_and_tokenizer(args.model, run, mesh), args)

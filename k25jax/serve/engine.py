@@ -28,6 +28,7 @@ import dataclasses
 import itertools
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -188,6 +189,14 @@ class Engine:
         if self.max_context < 2:
             raise EngineError(f"engine: max_context must be >= 2, got {self.max_context}")
         self.decode_window = int(decode_window)
+        from k25jax.plan import LONG_CONTEXT, LONG_CONTEXT_BLOCK
+
+        if self.max_context > LONG_CONTEXT and self.text.run.attention_block is None:
+            warnings.warn(
+                f"engine: max_context {self.max_context} with plain attention: a prefill chunk's scores span the "
+                f"whole cache; model.set_run(attention_block={LONG_CONTEXT_BLOCK}) attends blockwise (k25jax plan)",
+                stacklevel=2,
+            )
         self.prefill_chunk = bucket(prefill_chunk)
         self.prefill_budget = prefill_budget
         self.tokenizer = tokenizer

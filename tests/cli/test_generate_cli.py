@@ -275,3 +275,15 @@ def test_chat_reads_piped_stdin():
     lines = proc.stdout.splitlines()
     assert lines[0] == "=== turn 1 ===" and lines[1] == "--- thinking ---"
     assert proc.stdout.count("=== turn") == 2 and "=== turn 2 ===" in lines
+
+
+def test_attention_block_flag():
+    """``--attention-block``: auto is blockwise 2048 above 32K of context (the planner's rule), plain below."""
+    assert cli_generate.attention_block("auto", 262144) == 2048
+    assert cli_generate.attention_block("auto", 4096) is None and cli_generate.attention_block("plain", 10**6) is None
+    assert cli_generate.attention_block("512", None) == 512
+    assert cli_generate.run_config("tiny", None, "xla", "auto", 65536).attention_block == 2048
+    with pytest.raises(SystemExit, match="--attention-block must be a positive integer"):
+        cli_generate.attention_block("big", None)
+    with pytest.raises(SystemExit, match="--attention-block must be positive"):
+        cli_generate.attention_block("0", None)
