@@ -205,3 +205,21 @@ def test_guide_masks_tokens_and_background_loop_serves_threads(model):
     assert guided.finish_reason == "stop"
     for r in plain:
         assert r.tokens == _alone(model, r.prompt, GREEDY, 6) and r in updates
+
+
+def test_blockwise_attention_engine_gives_plain_tokens():
+    """With ``attention_block`` set, chunked prefill and decode attend over the cache blockwise (online softmax,
+    no score tensor spanning the cache): same greedy tokens and log-probabilities to 1e-5 as plain attention."""
+    plain = tiny_models.tiny_float32(seed=3)
+    blockwise = tiny_models.tiny_float32(seed=3).set_run(attention_block=16)
+    prompts = _prompts(3, seed=9)
+    sampling = Sampling(temperature=0.0, stop_token_ids=(), logprobs=0)
+    results = []
+    for m in (plain, blockwise):
+        engine = _engine(m, max_slots=2)
+        rs = [engine.submit(p, sampling, max_tokens=10) for p in prompts]
+        engine.run()
+        results.append(rs)
+    for a, b in zip(*results, strict=True):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose([x for x, _ in a.logprobs], [x for x, _ in b.logprobs], rtol=1e-5, atol=1e-5)
