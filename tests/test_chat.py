@@ -294,18 +294,43 @@ PARSE_TABLE = {
         ("", "", [("functions.f:0", "f", '{"a": 1}')], 1),
     ),
     "unfinished_thought": ("still thinking", {}, ("still thinking", "", [], 1)),
-    "unclosed_section_and_call_truncated_json": (
+    # A call cut by max_tokens is dropped (its arguments are not known whole), never closed by guesswork.
+    "unclosed_section_and_call_truncated_json_dropped": (
         "ok</think><|tool_calls_section_begin|><|tool_call_begin|>functions.search:0<|tool_call_argument_begin|>"
         '{"q": "jax", "opts": {"n": 3',
         {},
-        ("ok", "", [("functions.search:0", "search", '{"q": "jax", "opts": {"n": 3}}')], 3),
+        ("ok", "", [], 2),
     ),
-    "invalid_json_kept_as_text": (
+    "invalid_json_dropped": (
         "</think><|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>"
         "city=Paris<|tool_call_end|><|tool_calls_section_end|>",
         {},
-        ("", "", [("functions.f:0", "f", "city=Paris")], 1),
+        ("", "", [], 1),
     ),
+    "back_to_back_sections_with_narration": (
+        "r</think>a<|tool_calls_section_begin|><|tool_call_begin|>functions.weather.lookup:0"
+        "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>b<|tool_calls_section_begin|>"
+        '<|tool_call_begin|>functions.get-weather.v2:1<|tool_call_argument_begin|>{"x": 1}<|tool_call_end|>'
+        "<|tool_calls_section_end|>c<|im_end|>",
+        {},
+        (
+            "r",
+            "abc",
+            [
+                ("functions.weather.lookup:0", "weather.lookup", "{}"),
+                ("functions.get-weather.v2:1", "get-weather.v2", '{"x": 1}'),
+            ],
+            0,
+        ),
+    ),
+    "stray_section_end_dropped": ("r</think>a<|tool_calls_section_end|>b<|im_end|>", {}, ("r", "ab", [], 1)),
+    "call_inside_reasoning_ends_it": (
+        "hmm<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}"
+        "<|tool_call_end|><|tool_calls_section_end|>after</think>x<|im_end|>",
+        {},
+        ("hmm", "afterx", [("functions.f:0", "f", "{}")], 2),
+    ),
+    "instant_mode_is_content": ("a</think>b<|im_end|>", {"thinking": False}, ("", "ab", [], 1)),
     "missing_argument_marker_and_empty_name": (
         "r</think><|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_end|>"
         "<|tool_call_begin|><|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>tail",
