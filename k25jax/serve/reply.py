@@ -2,7 +2,7 @@
 message, for the OpenAI / Anthropic endpoints.
 
 :class:`ReplyStream` decodes tokens incrementally (a UTF-8 character split across tokens waits for its last
-byte) and feeds the text to :class:`k25jax.chat.ReplyParser`, the one reply state machine (``k25jax.chat.parse``
+byte) and feeds the text to :class:`k25jax.chat_reply.ReplyParser`, the one reply state machine (``k25jax.chat.parse``
 is the same parser fed the whole text), so streaming and non-streaming answers agree byte for byte.
 
 What a streaming client sees:
@@ -25,7 +25,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from k25jax.chat import END_THINK, ReplyParser
+from k25jax.chat_reply import END_THINK, ReplyParser
 
 
 class ReplyStream:
