@@ -99,7 +99,9 @@ def test_cpu_strategy_gradients_match(strategy):
 def test_cpu_choice_prefill_tiles_decode_rows():
     e = k25().text.n_routed_experts
     assert cpu_strategy(512 * 8, e) == "tiled"  # a 512-token prefill chunk of K2.5: ~512 tiles, not 384 x 4096 rows
-    assert tiles_pay(512 * 8, e) and not tiles_pay(8 * 8, e)  # decode: the tiles would outnumber the rows
+    assert tiles_pay(512 * 8, e) and not tiles_pay(8, e)  # one decode token: the tiles would outnumber the rows
+    assert cpu_strategy(32 * 4, 32) == "tiled"  # a 32-token prefill of the benchmark's small model (top-4 of 32)
+    assert cpu_strategy(33, 32) == "grouped"  # 2 + 32 tiles of 32 rows: more work than 32 x 33
     # At most one pass over the experts: K2.5 (384 experts, top-8) decodes batches of up to 48 one row at a time.
     assert cpu_strategy(48 * 8, e) == "per_row" and cpu_strategy(49 * 8, e) != "per_row"
     assert cpu_strategy(100, 1) == "grouped"  # one expert: ragged_dot is already the plain matmul
