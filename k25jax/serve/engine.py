@@ -473,51 +473,83 @@ class Engine:
         r.suffix_embeds = steps.media_embeds(self.model, ids, [select_items(r.media, items)], f"request {r.id}")[0]
 
     def _prefill(self, touched) -> None:
+        """Prompt chunks within the budget, in rounds: each round takes the next chunk of every slot still
+        prefilling (oldest request first) and runs those of one form and finality as one batch."""
         budget = self.prefill_budget
         spent = 0
         pending = sorted((r for r in self.slots if r is not None and r.written < len(r.prompt)), key=lambda r: r.id)
-        for r in pending:
-            while r.written < len(r.prompt):
-                if budget is not None and spent >= budget and spent > 0:
-                    return
+        while pending:
+            chunks = []
+            for r in pending:
+                if budget is not None and spent >= budget and (spent > 0 or chunks):
+                    break
                 n = min(len(r.prompt) - r.written, self.prefill_chunk)
-                T = bucket(n)
-                start = r.written
-                ids = np.zeros((1, T), np.int32)
-                ids[0, :n] = r.prompt[start : start + n]
-                embeds = mask = None
-                if r.suffix_embeds is not None:
-                    off = start - r.cached_tokens
-                    part = r.suffix_embeds[off : off + n]
-                    embeds = jnp.pad(part, ((0, T - n), (0, 0)))[None]
-                    mask = jnp.asarray((np.arange(T) < n)[None])
-                final = start + n == len(r.prompt)
-                form = "full" if start == 0 else "absorbed"
-                n_lp = self.max_logprobs if final and r.logprobs is not None else None
-                bitmask = None
-                if final and r.guide is not None:
-                    bitmask = np.zeros((1, self.mask_words), np.int32)
-                    r.guide.fill(bitmask[0])
-                    bitmask = jnp.asarray(bitmask)
-                self.cache, self.ss, out = self.fns.prefill_chunk(
-                    self.state, self.cache, self.ss, self.params, r.slot, jnp.asarray(ids), n, embeds, mask,
-                    bitmask, form=form, final=final, n_logprobs=n_lp,
-                )  # fmt: skip
-                r.written = start + n
+                chunks.append((r, r.written, n))
                 spent += n
-                self.stats["prefill_chunks"] += 1
-                self.stats["prefill_tokens"] += n
-                if self.reuse_prefixes:
-                    self.index.set_content(r.slot, r.keys[: r.written])
-                if final:
-                    r.suffix_embeds = None
-                    host = jax.device_get(out)
-                    token, done = host[:2]
-                    r.times["first_token"] = time.perf_counter()
-                    self._emit(r, [int(token[0])], [tuple(x[0] for x in host[2:])] if n_lp is not None else None)
-                    touched[r.id] = r
-                    if bool(done[0]) and not r.finished:
-                        self._finish_on_device_stop(r)
+            if not chunks:
+                return
+            groups: dict[tuple[str, bool], list] = {}
+            for r, start, n in chunks:
+                groups.setdefault(("full" if start == 0 else "absorbed", start + n == len(r.prompt)), []).append(
+                    (r, start, n)
+                )
+            for (form, final), group in groups.items():
+                self._prefill_group(group, form, final, touched)
+            if budget is not None and spent >= budget:
+                return
+            pending = [r for r in pending if r.written < len(r.prompt) and not r.finished]
+
+    def _prefill_group(self, group, form: str, final: bool, touched) -> None:
+        P = len(group)
+        T = bucket(max(n for _, _, n in group))
+        ids = np.zeros((P, T), np.int32)
+        for p, (r, start, n) in enumerate(group):
+            ids[p, :n] = r.prompt[start : start + n]
+        embeds = mask = None
+        if any(r.suffix_embeds is not None for r, _, _ in group):
+            D = self.text.cfg.hidden_size
+            parts, valid = [], np.zeros((P, T), bool)
+            for p, (r, start, n) in enumerate(group):
+                if r.suffix_embeds is None:
+                    parts.append(jnp.zeros((T, D), self.text.dtype))
+                    continue
+                off = start - r.cached_tokens
+                part = r.suffix_embeds[off : off + n].astype(self.text.dtype)
+                parts.append(jnp.pad(part, ((0, T - n), (0, 0))))
+                valid[p, :n] = True
+            embeds, mask = jnp.stack(parts), jnp.asarray(valid)
+        n_lp = self.max_logprobs if final and any(r.logprobs is not None for r, _, _ in group) else None
+        bitmask = None
+        if final and any(r.guide is not None for r, _, _ in group):
+            bitmask = np.full((P, self.mask_words), -1, np.int32)
+            for p, (r, _, _) in enumerate(group):
+                if r.guide is not None:
+                    r.guide.fill(bitmask[p])
+            bitmask = jnp.asarray(bitmask)
+        slots = jnp.asarray([r.slot for r, _, _ in group], jnp.int32)
+        lengths = jnp.asarray([n for _, _, n in group], jnp.int32)
+        self.cache, self.ss, out = self.fns.prefill_chunk(
+            self.state, self.cache, self.ss, self.params, slots, jnp.asarray(ids), lengths, embeds, mask, bitmask,
+            form=form, final=final, n_logprobs=n_lp,
+        )  # fmt: skip
+        self.stats["prefill_chunks"] += 1
+        for r, start, n in group:
+            r.written = start + n
+            self.stats["prefill_tokens"] += n
+            if self.reuse_prefixes:
+                self.index.set_content(r.slot, r.keys[: r.written])
+        if not final:
+            return
+        host = jax.device_get(out)
+        now = time.perf_counter()
+        for p, (r, _, _) in enumerate(group):
+            r.suffix_embeds = None
+            r.times["first_token"] = now
+            lps = [tuple(x[p] for x in host[2:])] if n_lp is not None and r.logprobs is not None else None
+            self._emit(r, [int(host[0][p])], lps)
+            touched[r.id] = r
+            if bool(host[1][p]) and not r.finished:
+                self._finish_on_device_stop(r)
 
     def _decode(self, touched) -> None:
         live = [r for r in self.slots if r is not None and r.written == len(r.prompt) and not r.finished]

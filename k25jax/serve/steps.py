@@ -5,9 +5,9 @@ definition is bound once per model structure (:func:`compiled`, cached on it), s
 definition and the compiled code is shared by every engine on equal models:
 
 - :func:`admit` writes a request's sampling settings into its slot and clears the slot's counters;
-- :func:`prefill_chunk` runs one chunk of one slot's prompt (batch 1, bucketed length) into that slot's cache
-  row, in full form when the slot holds nothing before it, else in the absorbed form over the row; the final
-  chunk also draws the request's first token;
+- :func:`prefill_chunk` runs one chunk of the prompts of several slots (bucketed length) into their cache
+  rows, in full form when the slots hold nothing before it, else in the absorbed form over the rows; the final
+  chunk also draws each request's first token;
 - :func:`decode_window` runs up to ``k`` decode steps for every live slot in one ``lax.while_loop`` (stops
   checked on device; the loop ends early when no slot is live);
 - :func:`copy_prefix` copies the first ``n`` latents of one slot's row into another (prefix reuse);
@@ -67,16 +67,6 @@ def _rows(tree, slot):
 
 def _set_rows(tree, slot, rows):
     return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), slot, 0), tree, rows)
-
-
-def _cache_row(cache: LatentCache, slot) -> LatentCache:
-    stacks = {k: jax.lax.dynamic_slice_in_dim(v, slot, 1, axis=1) for k, v in cache.stacks.items()}
-    return LatentCache(stacks=stacks, lengths=jax.lax.dynamic_slice_in_dim(cache.lengths, slot, 1))
-
-
-def _set_cache_row(cache: LatentCache, slot, row: LatentCache) -> LatentCache:
-    stacks = {k: jax.lax.dynamic_update_slice_in_dim(v, row.stacks[k], slot, 1) for k, v in cache.stacks.items()}
-    return LatentCache(stacks=stacks, lengths=jax.lax.dynamic_update_slice_in_dim(cache.lengths, row.lengths, slot, 0))
 
 
 def unpack_bitmask(bitmask: jax.Array, vocab: int) -> jax.Array:
@@ -144,25 +134,33 @@ def _admit(cache, ss: SlotState, params: smp.SlotParams, slot, row: smp.SlotPara
 
 
 def _prefill_chunk(
-    graphdef, state, cache, ss, params, slot, ids, n, embeds, mask, bitmask=None, *, form, final, n_logprobs
+    graphdef, state, cache, ss, params, slots, ids, n, embeds, mask, bitmask=None, *, form, final, n_logprobs
 ):
-    """One chunk ``ids [1, T]`` (``n`` valid) of slot ``slot``'s prompt, at the row's current length."""
+    """One prompt chunk for each of ``P`` slots: ``ids [P, T]`` (row ``p`` valid in ``[0, n[p])``) at each row's
+    current length. The rows are gathered out of the cache, run as one batch and written back; a final chunk
+    also draws each row's first token (returned with its done flag)."""
     text = nnx.merge(graphdef, state)
-    row = _cache_row(cache, slot)
-    start = row.lengths
-    h, row = _cached_forward(text, _embed(text, ids, embeds, mask), start, row, form)
-    row = dataclasses.replace(row, lengths=(start + n).astype(jnp.int32))
-    cache = _set_cache_row(cache, slot, row)
+    rows = LatentCache(
+        stacks={k: jnp.take(v, slots, axis=1) for k, v in cache.stacks.items()}, lengths=cache.lengths[slots]
+    )
+    start = rows.lengths
+    h, rows = _cached_forward(text, _embed(text, ids, embeds, mask), start, rows, form)
+    lengths = (start + n).astype(jnp.int32)
+    cache = LatentCache(
+        stacks={k: v.at[:, slots].set(rows.stacks[k]) for k, v in cache.stacks.items()},
+        lengths=cache.lengths.at[slots].set(lengths),
+    )
     if not final:
         return cache, ss, None
-    last = jnp.take_along_axis(h, (n - 1).reshape(1, 1, 1).astype(jnp.int32), axis=1)[:, 0]
+    last = jnp.take_along_axis(h, (n - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     logits = text.logits(last)
-    live = jnp.ones((1,), bool)
-    ss_row = dataclasses.replace(_rows(ss, slot), done=jnp.zeros((1,), bool))
-    token, ss_row, extra = _choose(
-        logits, params.row(slot), ss_row, live, row.lengths, cache.max_len, n_logprobs, bitmask
-    )
-    return cache, _set_rows(ss, slot, ss_row), (token, ss_row.done) + extra
+    live = jnp.ones(slots.shape, bool)
+    ss_rows = jax.tree.map(lambda a: a[slots], ss)
+    ss_rows = dataclasses.replace(ss_rows, done=jnp.zeros(slots.shape, bool))
+    p_rows = jax.tree.map(lambda a: a[slots], params)
+    token, ss_rows, extra = _choose(logits, p_rows, ss_rows, live, lengths, cache.max_len, n_logprobs, bitmask)
+    ss = jax.tree.map(lambda a, r: a.at[slots].set(r), ss, ss_rows)
+    return cache, ss, (token, ss_rows.done) + extra
 
 
 def _decode_window(graphdef, state, cache, ss, params, bitmask=None, *, steps, n_logprobs):
