@@ -61,6 +61,12 @@ def _plan_registrar(sub) -> None:
     register_plan(sub)
 
 
+def _serve_registrar(sub) -> None:
+    from k25jax.cli_serve import register_serve
+
+    register_serve(sub)
+
+
 PLUGIN_GROUP = "k25jax.commands"  # entry points adding subcommands (the converters' convert / export / inspect)
 
 
@@ -76,7 +82,14 @@ def _plugin_registrars():
     return registrars
 
 
-REGISTRARS = [register_forward, *_generate_registrars(), _plan_registrar, _finetune_registrar, *_plugin_registrars()]
+REGISTRARS = [
+    register_forward,
+    *_generate_registrars(),
+    _plan_registrar,
+    _finetune_registrar,
+    _serve_registrar,
+    *_plugin_registrars(),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
