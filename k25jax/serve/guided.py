@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 END_THINK = "</think>"
+_TOOL_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>")
 _TOKENIZERS: dict[int, object] = {}
 
 
@@ -45,10 +46,15 @@ class GrammarGuide:
         self.tokenizer = tokenizer
         self.open = not after_thinking
         self.reasoning: list[int] = []
+        # While reasoning, the tool-call markers are forbidden: a call begun inside the thought would escape the
+        # grammar (it opens only at ``</think>``).
+        self.closed_ids = [tokenizer.token_id(m) for m in _TOOL_MARKERS] if after_thinking else []
 
     def fill(self, row: np.ndarray) -> None:
         if not self.open:
             row[:] = -1
+            for t in self.closed_ids:
+                row[t // 32] &= np.int32(~np.uint32(1 << (t % 32)).view(np.int32))
             return
         self.matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.size * row.itemsize)
 

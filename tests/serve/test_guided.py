@@ -113,3 +113,22 @@ def test_bad_schema_and_tool_name_name_the_field(setup):
         tool_call_guide(tok, 1280, TOOLS, name="nope", thinking=False)
     with pytest.raises(GuideError, match="response_format.json_schema.schema"):
         json_guide(tok, 1280, {"type": "object", "properties": {"a": {"type": "no-such-type"}}}, thinking=False)
+
+
+def test_tool_markers_are_forbidden_while_reasoning(setup):
+    """Before ``</think>`` the guide allows every token but the tool-call markers (a call begun inside the
+    thought would escape the grammar); after it, only what the grammar allows."""
+    import numpy as np
+
+    _, tok, _ = setup
+    guide = tool_call_guide(tok, 1280, TOOLS, thinking=True)
+    row = np.zeros(40, np.int32)
+    guide.fill(row)
+    banned = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")[:1280] == 0)
+    markers = ["<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>"]
+    assert banned.tolist() == sorted(tok.token_id(m) for m in markers)
+    for t in tok.encode("fine</think>"):
+        guide.advance(t)
+    guide.fill(row)
+    allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")[:1280])
+    assert allowed.tolist() == [tok.token_id("<|tool_calls_section_begin|>")]
