@@ -128,7 +128,8 @@ def _source(part: Mapping, kind: str, what: str):
         if not sep or not header.endswith(";base64"):
             raise MediaError(f"{what}: only base64 data URLs are supported (data:<mime>;base64,<data>)")
         try:
-            return base64.b64decode(payload, validate=True)
+            # Whitespace is no base64 character but clients put some in (the model card: a space after the comma).
+            return base64.b64decode("".join(payload.split()), validate=True)
         except (binascii.Error, ValueError):
             raise MediaError(f"{what}: the data URL holds invalid base64") from None
     if value.startswith("file://"):

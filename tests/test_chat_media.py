@@ -41,6 +41,7 @@ def test_image_sources_give_the_same_prompt(tok, tmp_path):
         {"type": "image", "image": str(path)},
         {"type": "image_url", "image_url": {"url": f"file://{path}"}},
         {"type": "image_url", "image_url": data_url},
+        {"type": "image_url", "image_url": data_url.replace(",", ", ", 1)},  # the model card's space after the comma
         {"type": "image", "image": image},
         {"type": "image", "image": np.asarray(image)},
         {"type": "image", "image": _png_bytes(image)},
