@@ -463,30 +463,38 @@ class Engine:
             return
         n_lp = self.max_logprobs if any(r.logprobs is not None for r in live) else None
         guided = [r for r in live if r.guide is not None]
+        steps_now = 1 if guided else self.decode_window
+        # The live slots, padded to a power of two with slots that are not live (their rows do not change).
+        rows = [r.slot for r in live]
+        width = min(bucket(len(rows), 1), self.max_slots)
+        rows += [s for s in range(self.max_slots) if s not in rows][: width - len(rows)]
+        longest = max(len(r.prompt) + len(r.drawn) for r in live)
+        span = min(self.max_context, bucket(longest + steps_now + 1, 128))
         bitmask = None
         if guided:  # the masks change with every token: one step per window
-            bitmask = np.full((self.max_slots, self.mask_words), -1, np.int32)
+            bitmask = np.full((width, self.mask_words), -1, np.int32)
             for r in guided:
-                r.guide.fill(bitmask[r.slot])
+                r.guide.fill(bitmask[rows.index(r.slot)])
             bitmask = jnp.asarray(bitmask)
         self.cache, self.ss, out = self.fns.decode_window(
-            self.state, self.cache, self.ss, self.params, bitmask,
-            steps=1 if guided else self.decode_window, n_logprobs=n_lp,
+            self.state, self.cache, self.ss, self.params, jnp.asarray(rows, jnp.int32), bitmask,
+            steps=steps_now, span=span, n_logprobs=n_lp,
         )  # fmt: skip
         host = jax.device_get(out)
         count, done, tokens = int(host[0]), host[1], host[2]
         self.stats["windows"] += 1
         self.stats["decode_steps"] += count
         for r in live:
-            column = tokens[:count, r.slot]
+            j = rows.index(r.slot)
+            column = tokens[:count, j]
             new = [int(t) for t in column if t != smp.NO_TOKEN]
             lps = None
             if n_lp is not None and r.logprobs is not None:
-                lps = [tuple(x[i, r.slot] for x in host[3:]) for i in range(count) if column[i] != smp.NO_TOKEN]
+                lps = [tuple(x[i, j] for x in host[3:]) for i in range(count) if column[i] != smp.NO_TOKEN]
             if new:
                 self._emit(r, new, lps)
                 touched[r.id] = r
-            if bool(done[r.slot]) and not r.finished:
+            if bool(done[j]) and not r.finished:
                 self._finish_on_device_stop(r)
 
     # ----------------------------------------------------------------------------------------------------

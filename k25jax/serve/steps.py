@@ -8,8 +8,9 @@ definition and the compiled code is shared by every engine on equal models:
 - :func:`prefill_chunk` runs one chunk of the prompts of several slots (bucketed length) into their cache
   rows, in full form when the slots hold nothing before it, else in the absorbed form over the rows; the final
   chunk also draws each request's first token;
-- :func:`decode_window` runs up to ``k`` decode steps for every live slot in one ``lax.while_loop`` (stops
-  checked on device; the loop ends early when no slot is live);
+- :func:`decode_window` runs up to ``k`` decode steps for the live slots in one ``lax.while_loop`` (stops
+  checked on device; the loop ends early when no slot is live), over only those rows and the used part of
+  the cache (both bucketed);
 - :func:`copy_prefix` copies the first ``n`` latents of one slot's row into another (prefix reuse);
 - :func:`release` marks a slot not live (finished or cancelled).
 
@@ -163,16 +164,26 @@ def _prefill_chunk(
     return cache, ss, (token, ss_rows.done) + extra
 
 
-def _decode_window(graphdef, state, cache, ss, params, bitmask=None, *, steps, n_logprobs):
-    """Up to ``steps`` decode steps of every live slot; ``tokens [steps, B]`` (NO_TOKEN where none). A
-    ``bitmask`` (guided rows; the host updates it per token, so then ``steps`` is 1) applies to every step."""
+def _decode_window(graphdef, state, cache, ss, params, slots, bitmask=None, *, steps, span, n_logprobs):
+    """Up to ``steps`` decode steps of the slots ``slots [b]`` (the live ones, padded with slots that are not);
+    ``tokens [steps, b]`` (NO_TOKEN where none). Only those rows and the first ``span`` cache positions (past
+    every live row's length plus ``steps``) are gathered and attended over, so a step costs what the live
+    requests hold, not ``B x max_context``; they are written back at the end of the window. A ``bitmask``
+    (``[b, W]``, guided rows; the host updates it per token, so then ``steps`` is 1) applies to every step."""
     text = nnx.merge(graphdef, state)
-    B = ss.done.shape[0]
+    S = cache.max_len
+    sub = LatentCache(
+        stacks={k: jnp.take(v, slots, axis=1)[:, :, :span] for k, v in cache.stacks.items()},
+        lengths=cache.lengths[slots],
+    )
+    sub_ss = jax.tree.map(lambda a: a[slots], ss)
+    sub_params = jax.tree.map(lambda a: a[slots], params)
+    b = slots.shape[0]
     n = n_logprobs
-    outputs = [jnp.full((steps, B), smp.NO_TOKEN, jnp.int32)]
+    outputs = [jnp.full((steps, b), smp.NO_TOKEN, jnp.int32)]
     if n is not None:
-        outputs += [jnp.zeros((steps, B), jnp.float32), jnp.zeros((steps, B, n), jnp.int32)]
-        outputs += [jnp.zeros((steps, B, n), jnp.float32)]
+        outputs += [jnp.zeros((steps, b), jnp.float32), jnp.zeros((steps, b, n), jnp.int32)]
+        outputs += [jnp.zeros((steps, b, n), jnp.float32)]
 
     def cond(carry):
         i, _, ss, _ = carry
@@ -185,12 +196,17 @@ def _decode_window(graphdef, state, cache, ss, params, bitmask=None, *, steps, n
         h, cache = _cached_forward(text, text.embed(ss.last_token[:, None]), starts, cache, "absorbed")
         lengths = (starts + live.astype(jnp.int32)).astype(jnp.int32)  # rows not live stay put
         cache = dataclasses.replace(cache, lengths=lengths)
-        tokens, ss, extra = _choose(text.logits(h[:, 0]), params, ss, live, lengths, cache.max_len, n, bitmask)
+        tokens, ss, extra = _choose(text.logits(h[:, 0]), sub_params, ss, live, lengths, S, n, bitmask)
         outs = [o.at[i].set(v) for o, v in zip(outs, (tokens, *extra), strict=True)]
         return i + 1, cache, ss, outs
 
-    count, cache, ss, outputs = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, ss, outputs))
-    return cache, ss, (count, replicated(ss.done), *outputs)
+    count, sub, sub_ss, outputs = jax.lax.while_loop(cond, body, (jnp.int32(0), sub, sub_ss, outputs))
+    cache = LatentCache(
+        stacks={k: v.at[:, slots, :span].set(sub.stacks[k]) for k, v in cache.stacks.items()},
+        lengths=cache.lengths.at[slots].set(sub.lengths),
+    )
+    ss = jax.tree.map(lambda a, r: a.at[slots].set(r), ss, sub_ss)
+    return cache, ss, (count, replicated(sub_ss.done), *outputs)
 
 
 def _copy_prefix(cache: LatentCache, src, dst, n):
@@ -225,7 +241,9 @@ def compiled(graphdef) -> SimpleNamespace:
             donate_argnames=donate,
         ),
         decode_window=jax.jit(
-            functools.partial(_decode_window, graphdef), static_argnames=("steps", "n_logprobs"), donate_argnames=donate
+            functools.partial(_decode_window, graphdef),
+            static_argnames=("steps", "span", "n_logprobs"),
+            donate_argnames=donate,
         ),
         copy_prefix=jax.jit(_copy_prefix, donate_argnames="cache"),
         release=jax.jit(_release, donate_argnames="ss"),
