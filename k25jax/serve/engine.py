@@ -434,9 +434,11 @@ class Engine:
             bitmask = jnp.asarray(bitmask)
         slots = jnp.asarray([r.slot for r, _, _ in group], jnp.int32)
         lengths = jnp.asarray([n for _, _, n in group], jnp.int32)
+        # Positions the chunk reads or writes: every row's start plus the padded chunk.
+        span = min(self.max_context, bucket(max(start for _, start, _ in group) + T, 128))
         self.cache, self.ss, out = self.fns.prefill_chunk(
             self.state, self.cache, self.ss, self.params, slots, jnp.asarray(ids), lengths, embeds, mask, bitmask,
-            form=form, final=final, n_logprobs=n_lp,
+            form=form, final=final, span=span, n_logprobs=n_lp,
         )  # fmt: skip
         self.stats["prefill_chunks"] += 1
         for r, start, n in group:

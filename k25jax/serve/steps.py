@@ -135,20 +135,22 @@ def _admit(cache, ss: SlotState, params: smp.SlotParams, slot, row: smp.SlotPara
 
 
 def _prefill_chunk(
-    graphdef, state, cache, ss, params, slots, ids, n, embeds, mask, bitmask=None, *, form, final, n_logprobs
+    graphdef, state, cache, ss, params, slots, ids, n, embeds, mask, bitmask=None, *, form, final, span, n_logprobs
 ):
     """One prompt chunk for each of ``P`` slots: ``ids [P, T]`` (row ``p`` valid in ``[0, n[p])``) at each row's
     current length. The rows are gathered out of the cache, run as one batch and written back; a final chunk
-    also draws each row's first token (returned with its done flag)."""
+    also draws each row's first token (returned with its done flag). Only the first ``span`` positions (past
+    every row's chunk) are gathered and attended over."""
     text = nnx.merge(graphdef, state)
     rows = LatentCache(
-        stacks={k: jnp.take(v, slots, axis=1) for k, v in cache.stacks.items()}, lengths=cache.lengths[slots]
+        stacks={k: jnp.take(v, slots, axis=1)[:, :, :span] for k, v in cache.stacks.items()},
+        lengths=cache.lengths[slots],
     )
     start = rows.lengths
     h, rows = _cached_forward(text, _embed(text, ids, embeds, mask), start, rows, form)
     lengths = (start + n).astype(jnp.int32)
     cache = LatentCache(
-        stacks={k: v.at[:, slots].set(rows.stacks[k]) for k, v in cache.stacks.items()},
+        stacks={k: v.at[:, slots, :span].set(rows.stacks[k]) for k, v in cache.stacks.items()},
         lengths=cache.lengths.at[slots].set(lengths),
     )
     if not final:
@@ -237,7 +239,7 @@ def compiled(graphdef) -> SimpleNamespace:
         admit=jax.jit(_admit, donate_argnames=("cache", "ss", "params")),
         prefill_chunk=jax.jit(
             functools.partial(_prefill_chunk, graphdef),
-            static_argnames=("form", "final", "n_logprobs"),
+            static_argnames=("form", "final", "span", "n_logprobs"),
             donate_argnames=donate,
         ),
         decode_window=jax.jit(
