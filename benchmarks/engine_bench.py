@@ -33,9 +33,9 @@ clock starting at its arrival (at once: the run's start, so queueing counts); TT
 first token (the engine's ``Request.times``; transformers: its first ``StoppingCriteria`` call, or the CB
 timestamps). ``generate`` returns whole replies, so it has no TTFT. Each system runs ``--repeats`` times, the
 systems taking turns within a repeat; reported: medians over the repeats, min-max of the throughputs, ratios of
-the medians. Warm-up (compilation) is reported apart: the engine's decode, its prefill groups of 1..
-``--warmup-groups`` slots per prompt bucket and one untimed at-once run; ``generate`` one request per shape.
-jax compilation still left inside a timed run (a prefill group size the warm-up missed) is measured
+the medians. Warm-up (compilation) is reported apart: the engine's prefill and decode for groups of 1..
+``--warmup-groups`` requests per prompt bucket and one untimed at-once run; ``generate`` one request per shape.
+jax compilation still left inside a timed run (a group size the warm-up missed) is measured
 (``jax.monitoring``) and printed with that run. Greedy tokens: every request's engine tokens (and
 transformers') are compared with its ``generate`` tokens.
 
@@ -189,20 +189,18 @@ def generate_run(model, work):
 
 
 def warm_engine(model, work, args):
-    """Compile what the runs use: the engine compiles its batched prefill once per (number of slots prefilled
-    together, prompt bucket), about 3 s each here, so warm up decode, the groups of 1..``--warmup-groups`` slots
-    for each bucket the prompts fall in (what Poisson arrivals mostly give), and the at-once run itself (untimed).
+    """Compile what the runs use. The engine compiles its batched prefill once per (number of slots prefilled
+    together, prompt bucket) and its decode window once per (live slots rounded up to a power of two, cache span
+    bucket), about 3 s each here; so warm up groups of 1..``--warmup-groups`` requests for each bucket the prompts
+    fall in, each decoding a window (what Poisson arrivals mostly give), then the at-once run itself (untimed).
     Compilation left inside a timed run is reported with it. Returns the buckets."""
     rng = np.random.default_rng(2)
     buckets = sorted({bucket(len(p)) for p, _ in work})
     engine = Engine(model, max_slots=args.slots, max_context=args.max_context)
     for T in buckets:
-        engine.submit(rng.integers(0, 1024, T).tolist(), GREEDY, max_tokens=args.warmup_tokens)
-    engine.run()  # decode window
-    for T in buckets:
         for group in range(1, min(args.warmup_groups, args.slots) + 1):
-            for _ in range(group):  # admitted and prefilled together: all slots are free
-                engine.submit(rng.integers(0, 1024, T).tolist(), GREEDY, max_tokens=1)
+            for _ in range(group):  # admitted and prefilled together, then decoded together: all slots are free
+                engine.submit(rng.integers(0, 1024, T).tolist(), GREEDY, max_tokens=args.warmup_tokens)
             engine.run()
     engine_run(model, work, None, args)
     return buckets
