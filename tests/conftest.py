@@ -24,3 +24,18 @@ def _seed():
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module: one pytest process compiles thousands of programs
+    (every engine test adds its own steps), and kept to the end they exhausted memory in full-suite runs
+    (XLA aborted mid-compile at ~47%)."""
+    yield
+    from k25jax.serve import steps
+
+    steps.compiled.cache_clear()
+    jax.clear_caches()
+    import gc
+
+    gc.collect()
