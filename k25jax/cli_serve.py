@@ -57,7 +57,11 @@ def register_serve(sub) -> None:
     p.add_argument("--model", default="tiny", help="release directory, or 'tiny' (embedded random model + tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default kimi-k2.5)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients send as `model` (default: kimi-k2.5; k25jax-tiny for --model tiny)",
+    )
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY or x-api-key: KEY)")
     p.add_argument("--max-slots", type=int, default=8, help="sequences decoded together (cache rows)")
     p.add_argument("--max-context", type=int, default=None, help="positions per sequence (default: the model's)")

@@ -39,7 +39,8 @@ def kernel_spec_manager(tmp_path_factory):
 
 
 def test_notebooks_found():
-    assert {"01_quickstart.ipynb", "02_vision.ipynb", "03_sharded_inference.ipynb"} <= set(_ids(PATHS))
+    expected = {"01_quickstart.ipynb", "02_vision.ipynb", "03_sharded_inference.ipynb", "05_serving.ipynb"}
+    assert expected <= set(_ids(PATHS))
 
 
 @pytest.mark.parametrize("path", PATHS, ids=_ids(PATHS))
