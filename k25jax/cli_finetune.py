@@ -25,6 +25,7 @@ FLAGS = {
     "lora_experts": str,
     "lora_export": str,
     "router_bias_update": float,
+    "qat": bool,
     "qat_grid": str,
     "qat_scales": str,
     "master_dtype": str,
@@ -105,6 +106,15 @@ def register_finetune(sub) -> None:
         type=float,
         default=None,
         help="aux-loss-free balancing rate u: bias += u * sign(mean load - load) per step (default 0: bias frozen)",
+    )
+    p.add_argument(
+        "--no-qat",
+        dest="qat",
+        action="store_const",
+        const=False,
+        default=None,
+        help="train the chosen routed experts as float weights and quantize them on --qat-grid at export "
+        "(post-training quantization: the baseline QAT is measured against)",
     )
     p.add_argument("--qat-grid", choices=["kimi", "compressed-tensors"], default=None)
     p.add_argument("--qat-scales", choices=["dynamic", "frozen", "learned"], default=None)

@@ -120,22 +120,28 @@ def to_int4(model: nnx.Module) -> list[str]:
     return done
 
 
-def quantize_experts(model: nnx.Module, grid: str = "kimi") -> list[str]:
+def quantize_experts(model: nnx.Module, grid: str = "kimi", *, float_only: bool = False) -> list[str]:
     """Re-quantize, in place, every routed-expert weight on ``grid`` from its current value (a float weight, or the
-    dequantized INT4 one): e.g. to make a ``kimi``-grid model from a randomly initialised one. Returns the paths."""
+    dequantized INT4 one): e.g. to make a ``kimi``-grid model from a randomly initialised one. ``float_only``: only
+    the plain float weights (post-training quantization after a float fine-tune; INT4 ones stay as they are).
+    Returns the paths."""
     done = []
     for module, name, where, weight, axes in expert_weights(model):
+        if float_only and not isinstance(weight, nnx.Param):
+            continue
         setattr(module, name, Int4Weight(quantize_int4(float_value(weight), grid), axes, what=where))
         done.append(where)
     return done
 
 
-def to_float_experts(model: nnx.Module, dtype="float32") -> list[str]:
-    """Replace, in place, INT4 and fake-quant expert weights by plain float parameters (their dequantized values):
-    the starting point of a float fine-tune that is quantized afterwards (post-training quantization)."""
+def to_float_experts(model: nnx.Module, dtype="float32", *, experts: str = r".*") -> list[str]:
+    """Replace, in place, the INT4 and fake-quant expert weights whose path matches ``experts`` by plain float
+    parameters (their dequantized values): the starting point of a float fine-tune that is quantized afterwards
+    (post-training quantization)."""
+    pattern = re.compile(experts)
     done = []
     for module, name, where, weight, axes in expert_weights(model):
-        if isinstance(weight, Int4Weight | FakeQuantWeight):
+        if isinstance(weight, Int4Weight | FakeQuantWeight) and pattern.search(where):
             setattr(module, name, nnx.Param(float_value(weight, dtype), out_sharding=axes, eager_sharding=False))
             done.append(where)
     return done

@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -47,7 +48,9 @@ from k25jax.train.qat import (
     ROUTER_BIAS,
     QATError,
     module_path,
+    quantize_experts,
     to_fake_quant,
+    to_float_experts,
     to_int4,
     trainable_filter,
     trainable_paths,
@@ -90,6 +93,7 @@ class FinetuneConfig:
     lora_experts: str = r".*"  # which routed-expert weights get adapters (regex over their paths)
     lora_export: str = "adapters"  # "adapters": beside the untouched release; "merge": re-quantized into it
     router_bias_update: float = 0.0  # 0: correction bias frozen; u > 0: bias_e += u * sign(mean load - load_e)
+    qat: bool = True  # False: the chosen experts train as float weights, quantized on qat_grid at export (PTQ)
     qat_grid: str = "kimi"
     storage_dtype: str | None = "bfloat16"  # the release's float dtype: the forward sees parameters rounded to it
     qat_scales: str = "dynamic"
@@ -257,6 +261,9 @@ def _fake_quant_chosen(model, cfg: FinetuneConfig) -> None:
     ]
     if chosen:
         exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
+        if not cfg.qat:  # the PTQ baseline: plain float experts (their dequantized values), quantized at export
+            to_float_experts(model, cfg.master_dtype, experts=exact)
+            return
         to_fake_quant(model, experts=exact, grid=cfg.qat_grid, scales=cfg.qat_scales, master_dtype=cfg.master_dtype)
 
 
@@ -319,17 +326,17 @@ def _restore(manager, state: RunState, batches, cfg: FinetuneConfig) -> RunState
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _tree(state))
-    got = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-        ),
-    )
-    if got["meta"]["settings"] != _fingerprint(cfg):
-        theirs, ours = got["meta"]["settings"], _fingerprint(cfg)
+    # The settings first: a checkpoint of other settings (another trainable set, QAT off) has another state tree,
+    # and restoring that would fail inside orbax without saying which setting differs.
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["settings"] != _fingerprint(cfg):
+        theirs, ours = meta["settings"], _fingerprint(cfg)
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise TrainingError(f"--resume: the checkpoint in {cfg.out} was made with other settings: {differ}")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _tree(state))
+    got = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+    )
     batches.set_state(got["data"])
     restored = got["state"]
     rng = jax.random.wrap_key_data(restored["rng"])
@@ -350,6 +357,8 @@ def _fingerprint(cfg: FinetuneConfig) -> dict:
         "trainable qat_grid qat_scales master_dtype storage_dtype overlong dtype"
     ).split()
     # Added only when on, so checkpoints written before these settings existed still resume.
+    if not cfg.qat:
+        keep += ["qat"]
     if cfg.lora_rank:
         keep += ["lora_rank", "lora_alpha", "lora_experts"]
     if cfg.router_bias_update:
@@ -389,8 +398,24 @@ def evaluate(evaluator, trainable, frozen, batches) -> float:
     return total / max(tokens, 1.0)
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Run ``cfg`` (module doc). Returns a summary: steps run, last loss, eval loss, paths written."""
+def held_out_loss(
+    model, data, tokenizer, *, batch_size: int = 8, max_length: int = 512, storage_dtype: str | None = None
+) -> float:
+    """The token-weighted mean loss of ``model`` on the assistant tokens of ``data`` (a path or samples, as
+    ``finetune`` reads them), one pass in order: e.g. a QAT and a PTQ export compared on held-out samples."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(r".*"), ...)
+    batches = train_data.make_batches(
+        data, tokenizer, batch_size=batch_size, max_length=max_length, seed=0, num_epochs=1
+    )
+    return evaluate(make_eval_step(graphdef, storage_dtype=storage_dtype), trainable, frozen, batches)
+
+
+def finetune(cfg: FinetuneConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run ``cfg`` (module doc). Returns a summary: steps run, last loss, eval loss, paths written.
+
+    ``on_step(step, values)``, when given, is called after every step with the values written to
+    ``metrics.jsonl`` (``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``eval_loss`` at eval steps, ...): a live
+    loss curve in a notebook, early stopping (raise to stop; the checkpoints already saved stay)."""
     from tqdm.auto import tqdm
 
     cfg.check()
@@ -475,6 +500,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             bar.update(1)
             if state.step % cfg.save_every == 0 or state.step == cfg.steps:
                 _save(manager, state, batches, cfg)
+            if on_step is not None:  # after the step's checkpoint: a callback that raises keeps it
+                on_step(state.step, dict(values))
     finally:
         bar.close()
         log.close()
@@ -552,6 +579,7 @@ def export_release(model, cfg: FinetuneConfig, tokenizer) -> str:
     from importlib import resources
 
     to_int4(model)
+    quantize_experts(model, cfg.qat_grid, float_only=True)  # a qat=False run's float experts: post-training
     out = exporter()(model, cfg.export, overwrite=True, progress=cfg.progress)
     if cfg.model == "tiny":
         assets = resources.files("k25jax") / "assets"
