@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from k25jax.sampling import THINKING, Sampling
+from k25jax.sampling import THINKING, Sampling, request_sampling
 from k25jax.serve.engine import Engine, EngineError, bucket
 from k25jax.serve.steps import text_model
 
@@ -65,8 +65,7 @@ def stream(
         raise EngineError(
             f"generate: prompt {i} has {longest} tokens, leaving no room for a new one in max_context {max_context}"
         )
-    if sampling is None:
-        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+    shorthand = dict(temperature=temperature, top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids)
     engine = Engine(
         model,
         max_slots=len(prompts),
@@ -80,9 +79,7 @@ def stream(
     )
     requests = []
     for b, p in enumerate(prompts):
-        s = sampling if sampling.seed is not None else sampling.replace(seed=(seed + b) % 2**32)
-        if stop_token_ids is not None:
-            s = s.replace(stop_token_ids=tuple(stop_token_ids))
+        s = request_sampling(sampling, seed=seed + b, **shorthand)
         try:
             r = engine.submit(
                 p,

@@ -121,6 +121,26 @@ def sampling_defaults(thinking: bool = True) -> Sampling:
     return THINKING if thinking else INSTANT
 
 
+def request_sampling(
+    sampling: Sampling | None,
+    *,
+    temperature: float = THINKING.temperature,
+    top_p: float = THINKING.top_p,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
+) -> Sampling:
+    """The settings of one request of the convenience calls (``k25jax.generate``, ``stream``, ``Session``):
+    ``sampling``, or without it one built from ``temperature`` / ``top_p`` / ``top_k``; ``seed`` unless
+    ``sampling`` names one; ``stop_token_ids`` replacing its stop ids when given."""
+    s = sampling if sampling is not None else Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+    if s.seed is None:
+        s = s.replace(seed=seed % 2**32)
+    if stop_token_ids is not None:
+        s = s.replace(stop_token_ids=tuple(stop_token_ids))
+    return s
+
+
 # --------------------------------------------------------------------------------------------------------
 # Per-slot arrays
 # --------------------------------------------------------------------------------------------------------

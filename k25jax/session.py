@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from k25jax.cache import LatentCache
-from k25jax.sampling import THINKING, Sampling
+from k25jax.sampling import THINKING, Sampling, request_sampling
 from k25jax.serve.engine import Engine, EngineError, bucket
 from k25jax.serve.steps import text_model
 
@@ -76,10 +76,9 @@ class Session:
             )
         if max_new_tokens <= 0:
             return
-        sampling = sampling or Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
-        sampling = sampling.replace(seed=sampling.seed if sampling.seed is not None else seed)
-        if stop_token_ids is not None:
-            sampling = sampling.replace(stop_token_ids=tuple(stop_token_ids))
+        sampling = request_sampling(
+            sampling, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids
+        )
         need = min(self.max_context, bucket(len(ids) + max_new_tokens, 128))
         if self.engine is None:
             self.engine = Engine(

@@ -18,7 +18,7 @@ NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 PATHS = sorted(glob.glob(os.path.join(NOTEBOOKS, "*.ipynb")))
 TIME_LIMIT_S = 120  # per notebook, kernel start included
 CELL_TIMEOUT_S = 120
-PLOTTING = {"02_vision.ipynb", "03_sharded_inference.ipynb"}  # must leave at least one PNG
+PLOTTING = {"02_vision.ipynb", "03_sharded_inference.ipynb", "04_qat_finetune.ipynb"}  # must leave at least one PNG
 
 
 def _ids(paths):
@@ -39,7 +39,13 @@ def kernel_spec_manager(tmp_path_factory):
 
 
 def test_notebooks_found():
-    expected = {"01_quickstart.ipynb", "02_vision.ipynb", "03_sharded_inference.ipynb", "05_serving.ipynb"}
+    expected = {
+        "01_quickstart.ipynb",
+        "02_vision.ipynb",
+        "03_sharded_inference.ipynb",
+        "04_qat_finetune.ipynb",
+        "05_serving.ipynb",
+    }
     assert expected <= set(_ids(PATHS))
 
 

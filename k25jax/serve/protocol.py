@@ -251,25 +251,19 @@ def decode_data_url(url: str, param: str) -> tuple[str, bytes]:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
         raise APIError(400, f"{param}: only base64 data URLs are supported (data:<mime>;base64,<data>)", param=param)
-    try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"{param}: the data URL holds invalid base64", param=param) from None
-    if not data:
-        raise APIError(400, f"{param}: the data URL is empty", param=param)
-    return header[len("data:") : -len(";base64")], data
+    return header[len("data:") : -len(";base64")], decode_base64(payload, param, what="the data URL")
 
 
-def decode_base64(data: Any, param: str) -> bytes:
-    """The bytes of a base64 string (Anthropic's ``source.data``)."""
+def decode_base64(data: Any, param: str, what: str = "the value") -> bytes:
+    """The bytes of a base64 string (Anthropic's ``source.data``, a data URL's payload); whitespace is ignored."""
     if not isinstance(data, str):
         raise APIError(400, f"{param}: must be a base64 string", param=param)
     try:
         out = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"{param}: invalid base64", param=param) from None
+        raise APIError(400, f"{param}: {what} holds invalid base64", param=param) from None
     if not out:
-        raise APIError(400, f"{param}: empty", param=param)
+        raise APIError(400, f"{param}: {what} is empty", param=param)
     return out
 
 

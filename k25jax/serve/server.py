@@ -469,27 +469,7 @@ def _install_plain_routes(app: FastAPI, service: Service) -> None:
         data, content_type = service.metrics.exposition()
         return Response(data, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": service.created,
-                    "owned_by": "k25jax",
-                    "root": service.root,
-                    "parent": None,
-                    "max_model_len": service.max_context,
-                }
-                for name in service.names
-            ],
-        }
-
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
-    async def model(name: str):
-        name = service.check_model(name)
+    def card(name: str) -> dict:
         return {
             "id": name,
             "object": "model",
@@ -499,6 +479,14 @@ def _install_plain_routes(app: FastAPI, service: Service) -> None:
             "parent": None,
             "max_model_len": service.max_context,
         }
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [card(name) for name in service.names]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def model(name: str):
+        return card(service.check_model(name))
 
 
 def serve(
