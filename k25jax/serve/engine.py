@@ -406,7 +406,9 @@ class Engine:
             pending = [r for r in pending if r.written < len(r.prompt) and not r.finished]
 
     def _prefill_group(self, group, form: str, final: bool, touched) -> None:
-        P = len(group)
+        # Padded to a power of two (at most max_slots) with rows of other slots and no tokens, which change
+        # nothing: so the batch sizes, hence the compilations, repeat.
+        P = min(bucket(len(group), 1), self.max_slots)
         T = bucket(max(n for _, _, n in group))
         ids = np.zeros((P, T), np.int32)
         for p, (r, start, n) in enumerate(group):
@@ -415,8 +417,9 @@ class Engine:
         if any(r.suffix_embeds is not None for r, _, _ in group):
             D = self.text.cfg.hidden_size
             parts, valid = [], np.zeros((P, T), bool)
-            for p, (r, start, n) in enumerate(group):
-                if r.suffix_embeds is None:
+            for p in range(P):
+                r, start, n = group[p] if p < len(group) else (None, 0, 0)
+                if r is None or r.suffix_embeds is None:
                     parts.append(jnp.zeros((T, D), self.text.dtype))
                     continue
                 off = start - r.cached_tokens
@@ -432,8 +435,10 @@ class Engine:
                 if r.guide is not None:
                     r.guide.fill(bitmask[p])
             bitmask = jnp.asarray(bitmask)
-        slots = jnp.asarray([r.slot for r, _, _ in group], jnp.int32)
-        lengths = jnp.asarray([n for _, _, n in group], jnp.int32)
+        taken = [r.slot for r, _, _ in group]
+        taken += [s for s in range(self.max_slots) if s not in taken][: P - len(group)]
+        slots = jnp.asarray(taken, jnp.int32)
+        lengths = jnp.asarray([n for _, _, n in group] + [0] * (P - len(group)), jnp.int32)
         # Positions the chunk reads or writes: every row's start plus the padded chunk.
         span = min(self.max_context, bucket(max(start for _, start, _ in group) + T, 128))
         self.cache, self.ss, out = self.fns.prefill_chunk(

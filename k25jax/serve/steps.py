@@ -138,31 +138,39 @@ def _prefill_chunk(
     graphdef, state, cache, ss, params, slots, ids, n, embeds, mask, bitmask=None, *, form, final, span, n_logprobs
 ):
     """One prompt chunk for each of ``P`` slots: ``ids [P, T]`` (row ``p`` valid in ``[0, n[p])``) at each row's
-    current length. The rows are gathered out of the cache, run as one batch and written back; a final chunk
-    also draws each row's first token (returned with its done flag). Only the first ``span`` positions (past
-    every row's chunk) are gathered and attended over."""
+    current length; rows with ``n = 0`` only pad the batch to a repeating size and change nothing. The rows are
+    gathered out of the cache, run as one batch and written back; a final chunk also draws each row's first token
+    (returned with its done flag). Only the first ``span`` positions (past every real row's chunk) are gathered
+    and attended over."""
     text = nnx.merge(graphdef, state)
-    rows = LatentCache(
-        stacks={k: jnp.take(v, slots, axis=1)[:, :, :span] for k, v in cache.stacks.items()},
-        lengths=cache.lengths[slots],
-    )
+    before = {k: jnp.take(v, slots, axis=1)[:, :, :span] for k, v in cache.stacks.items()}
+    rows = LatentCache(stacks=before, lengths=cache.lengths[slots])
     start = rows.lengths
     h, rows = _cached_forward(text, _embed(text, ids, embeds, mask), start, rows, form)
     lengths = (start + n).astype(jnp.int32)
+    real = n > 0  # padding rows (n = 0, other slots, so shapes repeat) write back exactly what they read
+
+    def keep(new, old):
+        return jnp.where(real.reshape((1, -1) + (1,) * (new.ndim - 2)), new, old)
+
     cache = LatentCache(
-        stacks={k: v.at[:, slots, :span].set(rows.stacks[k]) for k, v in cache.stacks.items()},
+        stacks={k: v.at[:, slots, :span].set(keep(rows.stacks[k], before[k])) for k, v in cache.stacks.items()},
         lengths=cache.lengths.at[slots].set(lengths),
     )
     if not final:
         return cache, ss, None
-    last = jnp.take_along_axis(h, (n - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    last = jnp.take_along_axis(h, jnp.maximum(n - 1, 0)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     logits = text.logits(last)
     live = jnp.ones(slots.shape, bool)
-    ss_rows = jax.tree.map(lambda a: a[slots], ss)
-    ss_rows = dataclasses.replace(ss_rows, done=jnp.zeros(slots.shape, bool))
+    ss_before = jax.tree.map(lambda a: a[slots], ss)
+    ss_rows = dataclasses.replace(ss_before, done=jnp.zeros(slots.shape, bool))
     p_rows = jax.tree.map(lambda a: a[slots], params)
     token, ss_rows, extra = _choose(logits, p_rows, ss_rows, live, lengths, cache.max_len, n_logprobs, bitmask)
-    ss = jax.tree.map(lambda a, r: a.at[slots].set(r), ss, ss_rows)
+
+    def keep_row(new, old):
+        return jnp.where(real.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    ss = jax.tree.map(lambda a, r, o: a.at[slots].set(keep_row(r, o)), ss, ss_rows, ss_before)
     return cache, ss, (token, ss_rows.done) + extra
 
 

@@ -1,6 +1,8 @@
 """The engine: continuous batching gives each request exactly the tokens it gives alone, prefill and decode
 through the engine match full-sequence logits, prefix reuse, cancellation, chunked prefill beside decode."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,3 +225,42 @@ def test_blockwise_attention_engine_gives_plain_tokens():
     for a, b in zip(*results, strict=True):
         assert a.tokens == b.tokens
         np.testing.assert_allclose([x for x, _ in a.logprobs], [x for x, _ in b.logprobs], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_batches_padded_with_other_slots_change_nothing(model):
+    """Three prompts prefilled together run as a batch of 4 (padded with the fourth slot's row, here a request
+    that is decoding, then a free slot holding a reusable prompt): every request still equals its run alone, the
+    padding slot's prompt is still reused, and every prefill batch has a power-of-two size."""
+    prompts = _prompts(5, seed=9)
+    prompts[0] = _prompts(1, seed=12)[0] * 4  # long: its length + a chunk passes the group's cache span
+    penalized = Sampling(temperature=0.8, seed=5, presence_penalty=1.0, frequency_penalty=0.5, stop_token_ids=())
+    engine = _engine(model, prefill_chunk=64, prefill_budget=None, block_size=4)
+    batches, inner = [], engine.fns.prefill_chunk
+
+    def spy(state, cache, ss, params, slots, *args, **kwargs):
+        batches.append(int(slots.shape[0]))
+        return inner(state, cache, ss, params, slots, *args, **kwargs)
+
+    engine.fns = SimpleNamespace(**{**vars(engine.fns), "prefill_chunk": spy})
+    first = engine.submit(prompts[0], penalized, max_tokens=20)
+    for _ in range(2):
+        engine.step()  # first is decoding
+    assert first.tokens and not first.finished
+    group = [engine.submit(p, GREEDY, max_tokens=6) for p in prompts[1:4]]
+    engine.run()
+    assert len(prompts[0]) + len(first.tokens) > 128 and first.tokens == _alone(model, prompts[0], penalized, 20)
+    for p, r in zip(prompts[1:4], group, strict=True):
+        assert r.tokens == _alone(model, p, GREEDY, 6)
+    # Every slot is free now and holds a reusable prompt. Three fresh prompts take three slots, padded with the
+    # fourth; then the four first prompts again: the one whose slot was only padding reuses its cached blocks.
+    fresh = [engine.submit(p, GREEDY, max_tokens=5) for p in _prompts(3, seed=10)]
+    engine.run()
+    for p, r in zip(_prompts(3, seed=10), fresh, strict=True):
+        assert r.tokens == _alone(model, p, GREEDY, 5)
+    again = [engine.submit(p, GREEDY, max_tokens=5) for p in prompts[:4]]
+    engine.run()
+    for p, r in zip(prompts[:4], again, strict=True):
+        assert r.tokens == _alone(model, p, GREEDY, 5)
+    assert any(r.cached_tokens > 0 for r in again)
+    assert batches.count(4) >= 2, batches  # the two groups of 3
+    assert all(b & (b - 1) == 0 for b in batches), batches
