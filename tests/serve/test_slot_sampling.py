@@ -50,20 +50,23 @@ def test_min_p_keeps_tokens_above_its_share_of_the_top():
 
 
 def test_each_row_draws_with_its_own_seed():
-    """A row's token depends on its seed and index only: same with other rows changed, greedy rows argmax."""
+    """A row's token depends on its logits, seed and index only: the same with other rows changed or alone, greedy
+    rows the argmax, the index moving the key."""
+    draw = jax.jit(smp.draw)  # one compilation per shape, not one per eager op
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(4, V)).astype(np.float32))
     hot = Sampling(temperature=1.0, top_p=1.0)
     rows = [(hot, 5, 9), (Sampling(temperature=0.0), 0, 9), (hot, 6, 9), (hot, 5, 9)]
     index = jnp.asarray([3, 3, 3, 3])
-    a = np.asarray(smp.draw(logits, _params(rows), index))
+    a = np.asarray(draw(logits, _params(rows), index))
     assert a[1] == int(jnp.argmax(logits[1]))
-    other = jnp.asarray(np.asarray(logits).copy()).at[2].set(0.0)
-    b = np.asarray(smp.draw(other, _params(rows[:2] + [(hot, 99, 9)] + rows[3:]), index))
-    assert a[0] == b[0] and a[3] == b[3] and a[0] == a[3] or a[0] == b[0]
-    draws = [int(smp.draw(logits[:1], _params([(hot, 5, 9)]), jnp.asarray([i]))[0]) for i in range(40)]
+    other = logits.at[2].set(0.0)
+    b = np.asarray(draw(other, _params(rows[:2] + [(hot, 99, 9)] + rows[3:]), index))
+    assert a[0] == b[0] and a[1] == b[1] and a[3] == b[3]
+    assert int(draw(logits[3:], _params([(hot, 5, 9)]), jnp.asarray([3]))[0]) == a[3]  # alone
+    draws = [int(draw(logits[:1], _params([(hot, 5, 9)]), jnp.asarray([i]))[0]) for i in range(40)]
     assert len(set(draws)) > 3  # the index moves the key
-    again = [int(smp.draw(logits[:1], _params([(hot, 5, 9)]), jnp.asarray([i]))[0]) for i in range(40)]
+    again = [int(draw(logits[:1], _params([(hot, 5, 9)]), jnp.asarray([i]))[0]) for i in range(40)]
     assert draws == again
 
 
