@@ -16,7 +16,8 @@ Servers, each a subprocess on a free port, started one after the other (never bo
   generation config has no EOS, so replies run to ``max_completion_tokens`` (checked: ``ran_to_max``).
 
 Load: asyncio + httpx, ``--concurrency`` clients (1, 4, 16), each sending its next request when the last ends,
-``max(--min-requests, 2 x clients)`` requests per level after a warm-up pass (compiles every shape, not timed).
+``max(--min-requests, 2 x clients)`` requests per level, each level after its own untimed warm-up pass (as many
+requests, other prompts of the same length rule: the level's batch shapes compile there).
 Streaming ``/v1/chat/completions`` with ``stream_options.include_usage``, ``max_completion_tokens``, temperature 0,
 a fixed seed, ``ignore_eos`` (k25jax only). Workloads: ``fixed`` (prompt 64 tokens, output 64) and ``mixed``
 (prompt and output lengths uniform on the integers of [L(1-r), L(1+r)] with r 0.5: vLLM's random-dataset rule,
@@ -318,10 +319,10 @@ def summarize(results, wall: float) -> dict:
 def bench_server(server: Server, args, ignore_eos: bool) -> list[dict]:
     rows = []
     for kind in args.workloads:
-        # warm-up: the largest level's shapes once (compiles), not timed
-        warm = workload(kind, max(args.concurrency), args.seed + 999)
-        asyncio.run(run_level(server, warm, max(args.concurrency), args.seed, ignore_eos))
         for c in args.concurrency:
+            # warm-up at this level (its batch shapes compile), other prompts of the same lengths, not timed
+            warm = workload(kind, max(args.min_requests, 2 * c), args.seed + 999 + c)
+            asyncio.run(run_level(server, warm, c, args.seed, ignore_eos))
             reqs = workload(kind, max(args.min_requests, 2 * c), args.seed)
             results, wall = asyncio.run(run_level(server, reqs, c, args.seed, ignore_eos))
             row = {"server": server.name, "workload": kind, "concurrency": c, **summarize(results, wall)}
@@ -392,7 +393,7 @@ def main() -> int:
             "fixed": "prompt 64 tokens (before the chat template), output 64",
             "mixed": "prompt and output uniform on integers of [L(1-r), L(1+r)], L 64, r 0.5 (vLLM rule)",
         },
-        "requests_per_level": f"max({args.min_requests}, 2 x concurrency), after an untimed warm-up pass",
+        "requests_per_level": f"max({args.min_requests}, 2 x concurrency), after an untimed warm-up pass at that level",
         "servers": {},
         "rows": [],
     }

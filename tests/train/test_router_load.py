@@ -165,7 +165,7 @@ def _metrics(out) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_bias_update_direction_stats_and_resume(tmp_path, data):
+def test_bias_update_direction_and_stats(tmp_path, data):
     rate = 1e-3
     one = _cfg(tmp_path / "run", data, steps=1, router_bias_update=rate, save_every=1)
     finetune(one)
@@ -183,7 +183,13 @@ def test_bias_update_direction_stats_and_resume(tmp_path, data):
         assert record[key] == stats[key], key
     np.testing.assert_allclose(record["expert_load_max_mean_per_layer"], stats["expert_load_max_mean_per_layer"])
     assert len(record["experts_unused_per_layer"]) == tiny().text.num_moe_layers
-    # Resumed to 2 steps == 2 steps in one go: the bias rides in the checkpoint.
+
+
+@pytest.mark.slow  # four more runs (~40 s); test_finetune's SIGKILL test covers resume in CI
+def test_bias_update_resumes_bitwise(tmp_path, data):
+    """Resumed to 2 steps == 2 steps in one go: the bias rides in the checkpoint."""
+    rate = 1e-3
+    finetune(_cfg(tmp_path / "run", data, steps=1, router_bias_update=rate, save_every=1))
     resumed = _cfg(tmp_path / "run", data, steps=2, router_bias_update=rate, resume=True)
     assert finetune(resumed)["start_step"] == 1
     straight = _cfg(tmp_path / "straight", data, steps=2, router_bias_update=rate)
