@@ -23,3 +23,16 @@ def threads_from_argv(argv, default: int) -> int:
             os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         ).strip()
     return threads
+
+
+def run_environment(threads: int, load_before) -> dict:
+    """What a result was measured under: the thread setting, torch's thread count, ``XLA_FLAGS`` and the load
+    average before (``load_before``) and after the run."""
+    import torch
+
+    return {
+        "threads": threads or "default",
+        "torch_threads": torch.get_num_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_average_before_after": [load_before, os.getloadavg()],
+    }

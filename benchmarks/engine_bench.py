@@ -63,7 +63,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-from cpu_threads import threads_from_argv  # noqa: E402  (benchmarks/, the script's own folder)
+from cpu_threads import run_environment, threads_from_argv  # noqa: E402  (benchmarks/, the script's own folder)
 
 THREADS = threads_from_argv(sys.argv, default=0)  # before jax is imported
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -446,10 +446,7 @@ def measure(model, hf, cfg, args, work) -> dict:
     for (n, m), counts in equal.items():
         systems[f"{n} | {m}"]["tokens_equal_generate"] = f"{min(counts)}/{len(work)}"
     return {
-        "threads": THREADS or "default",
-        "torch_threads": torch.get_num_threads(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "load_average_before_after": [load_before, os.getloadavg()],
+        **run_environment(THREADS, load_before),
         "rate": rate,
         "warmup": warm,
         "transformers_cb_error": cb_error,
