@@ -46,11 +46,11 @@ from k25jax.train import lora  # noqa: E402
 from k25jax.train.qat import quantize_experts, to_fake_quant, to_float_experts, to_int4, trainable_filter  # noqa: E402
 from k25jax.train.step import (  # noqa: E402
     OptimizerConfig,
-    make_eval_step,
     make_train_step,
     split_model,
     storage_rounded,
 )
+from k25jax.train.trainer import held_out_loss  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -70,17 +70,6 @@ def write_task(path: str, n: int, seed: int, top: int = 10, ops: str = "+-") -> 
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
-
-
-def held_out_loss(model, batches) -> float:
-    graphdef, trainable, frozen = split_model(model, trainable_filter(r"^text/"))
-    evaluate = make_eval_step(graphdef)
-    total = tokens = 0.0
-    for batch in batches:
-        out = evaluate(trainable, frozen, {k: jax.numpy.asarray(v) for k, v in batch.items()})
-        total += float(out["loss"]) * float(out["tokens"])
-        tokens += float(out["tokens"])
-    return total / tokens
 
 
 def train(model, train_path, tokenizer, args, seed, *, trainable: str, lr: float, steps: int):
@@ -119,10 +108,8 @@ def run_seed(seed: int, args, workdir: str) -> dict:
     train_path = write_task(task.format("train"), args.train_samples, seed, args.top, args.ops)
     eval_path = write_task(task.format("eval"), args.eval_samples, 10_000 + seed, args.top, args.ops)
 
-    def evaluation():
-        return train_data.make_batches(
-            eval_path, tokenizer, batch_size=args.batch, max_length=args.length, seed=0, num_epochs=1
-        )
+    def held_out(model) -> float:
+        return held_out_loss(model, eval_path, tokenizer, batch_size=args.batch, max_length=args.length)
 
     t0 = time.perf_counter()
     base = k25jax.build_model(model_config(args), RunConfig(compute_dtype="float32"), seed=seed)
@@ -140,27 +127,27 @@ def run_seed(seed: int, args, workdir: str) -> dict:
     quantize_experts(model, "kimi")
     out = {
         "seed": seed,
-        "start_float": held_out_loss(start(), evaluation()),
-        "start": held_out_loss(model, evaluation()),
+        "start_float": held_out(start()),
+        "start": held_out(model),
     }
     fit = dict(trainable=args.trainable, lr=args.lr, steps=args.steps)
     model, _ = train(start(), train_path, tokenizer, args, seed, **fit)
-    out["float"] = held_out_loss(model, evaluation())
+    out["float"] = held_out(model)
     quantize_experts(model, "kimi")
-    out["ptq"] = held_out_loss(model, evaluation())
+    out["ptq"] = held_out(model)
     model = start()
     to_fake_quant(model, grid="kimi", scales=args.scales)
     model, _ = train(model, train_path, tokenizer, args, seed, **fit)
     to_int4(model)
-    out["qat"] = held_out_loss(model, evaluation())
+    out["qat"] = held_out(model)
     if args.lora_rank:
         model = start()
         quantize_experts(model, "kimi")
         lora.apply_lora(model, rank=args.lora_rank, seed=seed)
         model, _ = train(model, train_path, tokenizer, args, seed, **fit)
-        out["lora_beside"] = held_out_loss(model, evaluation())
+        out["lora_beside"] = held_out(model)
         lora.merge_lora(model, grid="kimi")
-        out["lora"] = held_out_loss(model, evaluation())
+        out["lora"] = held_out(model)
     gap = out["ptq"] - out["float"]
     out["recovered"] = (out["ptq"] - out["qat"]) / gap if gap > 0 else float("nan")
     out["seconds"] = time.perf_counter() - t0
