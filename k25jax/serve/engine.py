@@ -405,10 +405,16 @@ class Engine:
                 return
             pending = [r for r in pending if r.written < len(r.prompt) and not r.finished]
 
+    def _padded_rows(self, slots: list[int]) -> list[int]:
+        """``slots`` then other slots, up to a power of two (at most ``max_slots``): batch sizes, hence
+        compilations, repeat."""
+        width = min(bucket(len(slots), 1), self.max_slots)
+        return slots + [s for s in range(self.max_slots) if s not in slots][: width - len(slots)]
+
     def _prefill_group(self, group, form: str, final: bool, touched) -> None:
-        # Padded to a power of two (at most max_slots) with rows of other slots and no tokens, which change
-        # nothing: so the batch sizes, hence the compilations, repeat.
-        P = min(bucket(len(group), 1), self.max_slots)
+        # Padded with rows of other slots and no tokens, which change nothing.
+        taken = self._padded_rows([r.slot for r, _, _ in group])
+        P = len(taken)
         T = bucket(max(n for _, _, n in group))
         ids = np.zeros((P, T), np.int32)
         for p, (r, start, n) in enumerate(group):
@@ -435,8 +441,6 @@ class Engine:
                 if r.guide is not None:
                     r.guide.fill(bitmask[p])
             bitmask = jnp.asarray(bitmask)
-        taken = [r.slot for r, _, _ in group]
-        taken += [s for s in range(self.max_slots) if s not in taken][: P - len(group)]
         slots = jnp.asarray(taken, jnp.int32)
         lengths = jnp.asarray([n for _, _, n in group] + [0] * (P - len(group)), jnp.int32)
         # Positions the chunk reads or writes: every row's start plus the padded chunk.
@@ -471,10 +475,9 @@ class Engine:
         n_lp = self.max_logprobs if any(r.logprobs is not None for r in live) else None
         guided = [r for r in live if r.guide is not None]
         steps_now = 1 if guided else self.decode_window
-        # The live slots, padded to a power of two with slots that are not live (their rows do not change).
-        rows = [r.slot for r in live]
-        width = min(bucket(len(rows), 1), self.max_slots)
-        rows += [s for s in range(self.max_slots) if s not in rows][: width - len(rows)]
+        # The live slots, padded with slots that are not live (their rows do not change).
+        rows = self._padded_rows([r.slot for r in live])
+        width = len(rows)
         longest = max(len(r.prompt) + len(r.drawn) for r in live)
         span = min(self.max_context, bucket(longest + steps_now + 1, 128))
         bitmask = None
