@@ -111,7 +111,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def register_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="what a release or checkpoint holds (no weights loaded)")
-    p.add_argument("path", help="release directory or k25jax checkpoint")
+    p.add_argument("path", help="release directory, k25jax checkpoint, or tiny (the demo release)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--grid",

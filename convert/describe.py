@@ -146,8 +146,11 @@ def inspect_checkpoint(path: str) -> dict:
 def inspect_path(path: str | os.PathLike, *, grid: bool = False, progress: bool = False) -> dict:
     """A report dict for a release directory, a checkpoint, or an unfinished conversion (``DST.partial``).
 
-    ``grid``: also audit a release's INT4 grid (reads the routed-expert tensors; a checkpoint raises)."""
-    path = os.path.abspath(os.fspath(path))
+    ``grid``: also audit a release's INT4 grid (reads the routed-expert tensors; a checkpoint raises). ``"tiny"`` is
+    the shipped demo release."""
+    from k25jax.demo.shipped import resolve
+
+    path = os.path.abspath(resolve(path))
     if not os.path.exists(path) and os.path.isdir(path + PARTIAL_SUFFIX):
         path += PARTIAL_SUFFIX
     if not os.path.isdir(path):

@@ -430,6 +430,9 @@ def encode(
         raise ChatFormatError(f"the prompt {err}") from None
 
 
+_MEDIA_PART_TYPES = ("image", "image_url", "video", "video_url")
+
+
 class TrainingTokens(NamedTuple):
     """A rendered conversation for training: token ids and, per token, 1 where the assistant generates it."""
 
@@ -443,23 +446,58 @@ def encode_for_training(
     *,
     tools: Sequence[Mapping] | None = None,
     thinking: bool = True,
+    media: MediaTokens | None = None,
 ) -> TrainingTokens:
     """Token ids of a whole conversation (no generation prompt, :func:`render_spans` with ``for_training``) with
     each token's ownership: 1 on the tokens the assistant generates (its reasoning and ``</think>`` where kept,
     content, tool-call markers and arguments, ``<|im_end|>``), 0 on headers, ``<think>`` and other roles' turns.
 
     The ids are those of ``tokenizer.encode`` of the joined text (span boundaries sit beside special tokens).
-    Media parts are refused: their placeholders would need expanding with preprocessed grids.
+    Media parts need ``media``, as in :func:`encode` (per part an image's pad count or a video's
+    ``[(timestamp, pad count), ...]``, e.g. from ``k25jax.media.load_part``): placeholders are expanded exactly
+    as :func:`encode` expands them, so the ids equal a prompt's up to the generated spans. Media in an
+    assistant message are refused (the model never writes them).
     """
-    for what, part in media_parts_of(messages):
-        if part.get("type") in ("image", "image_url", "video", "video_url"):
-            raise ChatFormatError(f"{what}: {part['type']} parts are not supported in training conversations yet")
+    named = [(what, part) for what, part in media_parts_of(messages) if part.get("type") in _MEDIA_PART_TYPES]
+    parts = [part for _, part in named]  # other part types are the renderer's to reject, by name
+    if parts and media is None:
+        raise ChatFormatError(
+            f"{named[0][0]}: a {parts[0]['type']} part needs its token counts: pass media= (k25jax.media.load_part "
+            "gives them)"
+        )
+    infos = _media_infos(parts, media) if parts else []
+    videos = iter([info for part, info in zip(parts, infos, strict=True) if part["type"].startswith("video")])
+    counts: list[int] = []
+    for part, info in zip(parts, infos, strict=True):
+        counts += [int(n) for _, n in info] if part["type"].startswith("video") else [int(info)]
+    pad_id = tokenizer.token_id(MEDIA_PAD)  # a pad written in text without a media part is refused too
     ids: list[int] = []
     generated: list[int] = []
+    used = 0
     for span in render_spans(messages, tools=tools, thinking=thinking, add_generation_prompt=False, for_training=True):
-        piece = tokenizer.encode(span.text)
+        text = span.text
+        if VIDEO_PLACEHOLDER in text:
+            pieces = text.split(VIDEO_PLACEHOLDER)
+            out = [pieces[0]]
+            for piece in pieces[1:]:
+                chunks = next(videos, None)
+                if chunks is None:
+                    raise ChatFormatError(f"{VIDEO_PLACEHOLDER} written in message text has no video part to expand")
+                out += [video_prompt([ts for ts, _ in chunks]), piece]
+            text = "".join(out)
+        piece = tokenizer.encode(text)
+        pads = piece.count(pad_id)
+        if pads:
+            if span.generated:
+                raise ChatFormatError("an assistant message holds media; training samples give media in user turns")
+            if used + pads > len(counts):
+                raise ChatFormatError(f"the conversation holds more {MEDIA_PAD} tokens than its media parts give")
+            piece = expand_pads(piece, counts[used : used + pads], pad_id, counts_from="media give")
+            used += pads
         ids += piece
         generated += [int(span.generated)] * len(piece)
+    if used != len(counts):
+        raise ChatFormatError(f"the media parts give {len(counts)} items but the text holds {used} {MEDIA_PAD} tokens")
     return TrainingTokens(ids, generated)
 
 

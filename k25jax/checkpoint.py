@@ -154,9 +154,11 @@ def load_model(
     With ``mesh`` (``k25jax.sharding.make_mesh``), every parameter lands on its ``NamedSharding`` under
     ``run.sharding``'s rules and each process reads only the slices its devices hold: from a checkpoint through
     orbax, from a release through ``safetensors`` reads of just those slices. Without a mesh the model is
-    placed on the default device.
+    placed on the default device. ``"tiny"`` is the shipped demo release (``k25jax/assets/demo``).
     """
-    path = os.fspath(path)
+    from k25jax.demo.shipped import resolve
+
+    path = resolve(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     if is_checkpoint(path):

@@ -34,7 +34,9 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
 def register_forward(sub) -> None:
     p = sub.add_parser("forward", help="run one forward pass and print the top next-token ids")
-    p.add_argument("--model", default="tiny", help="release directory, or 'tiny' (embedded random model)")
+    from k25jax.demo.shipped import MODEL_HELP
+
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--ids", default="1,2,3,4", help="comma-separated token ids")
     p.add_argument("--top", type=int, default=5)
     from k25jax.cli_generate import add_run_arguments

@@ -79,7 +79,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def register_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="INT4 QAT fine-tuning on chat data (JSONL / parquet / datasets directory)")
     p.add_argument("--config", default=None, help="a YAML of settings (configs/qat/*.yaml); flags override it")
-    p.add_argument("--model", default=None, help="release directory, k25jax checkpoint, or 'tiny' (default)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="release directory, k25jax checkpoint, 'tiny' (demo release, default), 'tiny-random'",
+    )
     p.add_argument("--data", default=None, help="training samples: {'messages': [...], 'tools': [...]} per line")
     p.add_argument("--out", default=None, help="run directory: checkpoints/, metrics.jsonl, tensorboard/")
     p.add_argument("--eval-data", default=None, help="held-out samples; eval loss every --eval-every steps")

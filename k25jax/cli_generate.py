@@ -21,6 +21,8 @@ import argparse
 import os
 import sys
 
+from k25jax.demo.shipped import MODEL_HELP, RANDOM, TINY_NAMES, resolve
+
 
 class ReplyPrinter:
     """Prints a streamed reply: reasoning under ``--- thinking ---``, the answer under ``--- answer ---``; the
@@ -110,35 +112,40 @@ def attention_block(value: str | int | None, context: int | None) -> int | None:
 
 
 def _context_of(model: str, max_context: int | None) -> int | None:
-    if max_context is not None or model == "tiny":
+    if max_context is not None or model == RANDOM:
         return max_context
     try:
         from k25jax import from_release_config
 
-        return from_release_config(model).text.max_position_embeddings
+        return from_release_config(resolve(model)).text.max_position_embeddings
     except Exception:  # noqa: BLE001 (the loader reports a bad directory with its own message)
         return None
 
 
 def run_config(model: str, dtype: str | None, kernels: str = "xla", block="plain", max_context: int | None = None):
     """The :class:`~k25jax.config.RunConfig` of ``--dtype`` / ``--kernels`` / ``--attention-block`` (float32 for the
-    tiny model); ``auto`` decides from ``max_context`` (default: the model's ``max_position_embeddings``)."""
+    tiny models); ``auto`` decides from ``max_context`` (default: the model's ``max_position_embeddings``)."""
     from k25jax.config import RunConfig
 
     return RunConfig(
-        compute_dtype=dtype or ("float32" if model == "tiny" else "bfloat16"),
+        compute_dtype=dtype or ("float32" if model in TINY_NAMES else "bfloat16"),
         kernels=kernels,
         attention_block=attention_block(block, _context_of(model, max_context)),
     )
 
 
 def load_model_and_tokenizer(model: str, run, mesh=None):
-    """The model (``'tiny'`` or a release / checkpoint directory) and its tokenizer, with run config ``run``."""
+    """The model (a release / checkpoint directory, ``'tiny'``: the shipped demo release, ``'tiny-random'``: the
+    random-init tiny preset) and its tokenizer, with run config ``run``."""
     from k25jax import build_model, from_release_config, load_model, preset
     from k25jax.tokenizer import Tokenizer
 
-    if model == "tiny":
+    if model == RANDOM:
         return build_model(preset("tiny"), run), Tokenizer.tiny()
+    try:
+        model = resolve(model)
+    except FileNotFoundError as err:
+        raise SystemExit(f"k25jax: {err}") from None
     if not os.path.exists(os.path.join(model, "tiktoken.model")):
         raise SystemExit(
             f"k25jax: {model}: no tiktoken.model (a release directory has the tokenizer beside config.json)"
@@ -168,7 +175,9 @@ def start(args: argparse.Namespace):
         getattr(args, "attention_block", "plain"),
         getattr(args, "max_context", None),
     )
-    if args.mesh and args.model != "tiny":  # full-size models load straight onto the mesh, never whole on a host
+    if (
+        args.mesh and args.model not in TINY_NAMES
+    ):  # full-size models load straight onto the mesh, never whole on one host
         mesh = build_mesh(args.mesh, args.command)
         model, tokenizer = _on_mesh(lambda: load_model_and_tokenizer(args.model, run, mesh), args)
     else:
@@ -328,7 +337,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="release directory, or 'tiny' (embedded random model + tokenizer)")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--no-thinking", action="store_true", help="instant mode: no reasoning before the answer")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -9,7 +9,15 @@ import os
 
 def _config(model: str):
     from k25jax import from_release_config, preset
+    from k25jax.demo.shipped import DEMO, RANDOM, resolve
 
+    if model == RANDOM:
+        return preset("tiny")
+    if model == DEMO:
+        try:
+            return from_release_config(resolve(model))
+        except FileNotFoundError as err:
+            raise SystemExit(f"k25jax plan: {err}") from None
     if os.path.isdir(model) or model.endswith(".json"):
         return from_release_config(model)
     try:
@@ -83,7 +91,11 @@ def register_plan(sub) -> None:
     from k25jax.train.fakequant import SCALE_MODES
 
     p = sub.add_parser("plan", help="per-device memory of a sharded model (parameters, cache, activations, ...)")
-    p.add_argument("--model", default="k25", help="preset (k25, k26, tiny) or a release directory / config.json")
+    p.add_argument(
+        "--model",
+        default="k25",
+        help="preset (k25, k26), tiny (demo release), tiny-random, a release directory or config.json",
+    )
     p.add_argument("--mesh", default="expert=8", help="mesh sizes, e.g. expert=8,tensor=4 (unnamed axes are 1)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (global)")
     p.add_argument("--context", type=int, default=32768, help="tokens per sequence (cache length / train length)")

@@ -1,7 +1,7 @@
 """``k25jax serve``: the OpenAI- and Anthropic-compatible HTTP server (``k25jax.serve.server``).
 
     k25jax serve --model /path/to/Kimi-K2.5 --mesh expert=8 --port 8000
-    k25jax serve --model tiny                 # the embedded random tiny model, for trying clients
+    k25jax serve --model tiny                 # the shipped demo model (trained, tiny), for trying clients
 
 It binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM / Ctrl-C drain: no new connections, in-flight
 requests get ``--drain-timeout`` seconds, then the engine stops.
@@ -10,6 +10,8 @@ requests get ``--drain-timeout`` seconds, then the engine stops.
 from __future__ import annotations
 
 import argparse
+
+from k25jax.demo.shipped import MODEL_HELP, TINY_NAMES
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -20,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise SystemExit(f"k25jax serve: {err.name} is missing: pip install 'k25jax[serve]'") from None
     run = run_config(args.model, args.dtype, args.kernels, args.attention_block, args.max_context)
-    if args.mesh and args.model != "tiny":  # full-size weights load straight onto the mesh
+    if args.mesh and args.model not in TINY_NAMES:  # full-size weights load straight onto the mesh
         from k25jax.cli_generate import build_mesh
 
         model, tokenizer = load_model_and_tokenizer(args.model, run, build_mesh(args.mesh, "serve"))
@@ -31,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_slots", "max_queue", "decode_window", "prefill_chunk"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise SystemExit(f"k25jax serve: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    name = args.served_model_name or ("k25jax-tiny" if args.model == "tiny" else "kimi-k2.5")
+    name = args.served_model_name or ("k25jax-tiny" if args.model in TINY_NAMES else "kimi-k2.5")
     app = create_app(
         model,
         tokenizer,
@@ -54,13 +56,13 @@ def register_serve(sub) -> None:
     from k25jax.cli_generate import add_run_arguments
 
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server (chat, messages, completions)")
-    p.add_argument("--model", default="tiny", help="release directory, or 'tiny' (embedded random model + tokenizer)")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--served-model-name",
         default=None,
-        help="the name clients send as `model` (default: kimi-k2.5; k25jax-tiny for --model tiny)",
+        help="the name clients send as `model` (default: kimi-k2.5; k25jax-tiny for the tiny models)",
     )
     p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY or x-api-key: KEY)")
     p.add_argument("--max-slots", type=int, default=8, help="sequences decoded together (cache rows)")

@@ -8,8 +8,6 @@ one chat content part (``image``, ``image_url``, ``video``, ``video_url``) into 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -21,6 +19,7 @@ from k25jax.vision.preprocess import (
     VIDEO_FPS,
     VIDEO_MAX_PATCHES_PER_FRAME,
     MediaError,
+    data_url_bytes,
     preprocess_image,
     tokens_for_grid,
 )
@@ -124,14 +123,7 @@ def _source(part: Mapping, kind: str, what: str):
     if not isinstance(value, str):
         return value  # PIL image, array, bytes, list of frames
     if value.startswith("data:"):
-        header, sep, payload = value.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise MediaError(f"{what}: only base64 data URLs are supported (data:<mime>;base64,<data>)")
-        try:
-            # Whitespace is no base64 character but clients put some in (the model card: a space after the comma).
-            return base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise MediaError(f"{what}: the data URL holds invalid base64") from None
+        return data_url_bytes(value, what)
     if value.startswith("file://"):
         return value[len("file://") :]
     if "://" in value:

@@ -81,6 +81,19 @@ class K25(nnx.Module):
             raise ValueError(f"model {self.cfg.name!r} has no vision tower (its config has no vision_config)")
         return self.projector(self.vision(jnp.asarray(pixel_values), grid_thw, remat=self.run.remat))
 
+    def embed_with_layout(self, input_ids: jax.Array, media_index: jax.Array, layout: dict) -> jax.Array:
+        """Token embeddings ``[B, T, D]`` with media features at the positions where ``media_index [B, T] >= 0``
+        (the merged token each takes), the media laid out by :func:`k25jax.vision.moonvit.layout_arrays`: the
+        training path, whose shapes do not depend on the media (``embed_inputs`` computes the same up to
+        rounding)."""
+        if self.vision is None:
+            raise ValueError(f"model {self.cfg.name!r} has no vision tower (its config has no vision_config)")
+        embeds = self.text.embed(input_ids)
+        merged = self.vision.merge_layout(self.vision.encode_layout(layout, remat=self.run.remat), layout)
+        features = self.projector(merged).astype(embeds.dtype)
+        picked = jnp.take(features, jnp.maximum(media_index, 0), axis=0)
+        return jnp.where((media_index >= 0)[..., None], picked, embeds)
+
     def embed_inputs(self, input_ids: jax.Array, pixel_values=None, grid_thw=None) -> jax.Array:
         """Token embeddings ``[B, T, D]`` with the ``<|media_pad|>`` positions replaced by vision features.
 

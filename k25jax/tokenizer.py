@@ -173,8 +173,11 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
         """A tokenizer from a release directory: ``tiktoken.model`` and, if present, the special-token names of
-        ``tokenizer_config.json`` (``added_tokens_decoder``), which override the built-in table."""
-        path = os.fspath(path)
+        ``tokenizer_config.json`` (``added_tokens_decoder``), which override the built-in table. ``"tiny"`` is the
+        shipped demo release's tokenizer."""
+        from k25jax.demo.shipped import resolve
+
+        path = resolve(path)
         model_file = os.path.join(path, "tiktoken.model") if os.path.isdir(path) else path
         ranks = read_tiktoken_ranks(model_file)
         specials = default_special_tokens(len(ranks))

@@ -19,6 +19,14 @@ all ``[B, L]``:
 
 Attention must stay within a segment (``segment_ids`` equal, causal); nothing here crosses samples.
 
+Images and videos (content parts as :func:`k25jax.chat.prepare` reads them: paths, data URLs, frame lists with
+timestamps) are preprocessed up front like the released processor does at inference, and held in memory; each
+placeholder expands to its item's merged-token count, so a sample's ids start with exactly its inference prompt.
+Batches of such data also carry ``media_index [B, T]`` int32 (the merged media token each ``<|media_pad|>``
+takes, -1 elsewhere) and the fixed-capacity vision layout of the batch's items
+(:func:`k25jax.vision.moonvit.layout_arrays`; capacities are powers of two, so a jitted step compiles a few
+times, not once per batch); :func:`k25jax.train.step.model_loss` runs the vision tower on it.
+
 Arrow sources (parquet, ``datasets``) cannot tell an absent key from a null one and fill every key any row has,
 so there None values are dropped at every level; in JSONL only a message's own None-valued keys are dropped (a
 ``"reasoning_content": null`` means no reasoning, not the text ``None`` the template would write).
@@ -32,7 +40,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -163,27 +171,54 @@ def _drop_nones(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------
 
 
-def encode_sample(sample: Sample, tokenizer, *, thinking: bool | None = None) -> chat.TrainingTokens:
-    """Token ids of a sample and per token 1 where the assistant generates it (:func:`chat.encode_for_training`).
+class EncodedSample(NamedTuple):
+    """A sample's token ids, per token 1 where the assistant generates it, and its media items in placeholder
+    order: ``(pixel_values [t*h*w, 3, 14, 14] float32, (t, h, w))`` per image or video chunk."""
+
+    ids: list[int]
+    generated: list[int]
+    media: list[tuple[np.ndarray, tuple[int, int, int]]]
+
+
+def encode_sample(sample: Sample, tokenizer, *, thinking: bool | None = None, media_options=None) -> EncodedSample:
+    """Token ids of a sample, per token 1 where the assistant generates it (:func:`chat.encode_for_training`), and
+    its preprocessed media (``k25jax.media.load_part`` with ``media_options``, default the released processor's:
+    each image's and video chunk's pads expand to its merged-token count, as at inference).
 
     ``thinking``: None renders a sample in thinking mode iff one of its assistant messages has
     ``reasoning_content`` (the ids are the same either way; with thinking the ``</think>`` of a turn without
     reasoning is trained too). Raises :class:`DataError` naming the sample for what the chat format rejects, a
-    sample with no assistant message, and images or videos (not supported in training yet).
+    sample with no assistant message, and unreadable media (naming the part).
     """
+    from k25jax.media import load_part
+    from k25jax.vision import MediaError
+
     assistants = [m for m in sample.messages if m.get("role") == "assistant"]
     if not assistants:
         raise DataError(f"{sample.where}: the sample has no assistant message to train on")
+    items: list[tuple[np.ndarray, tuple[int, int, int]]] = []
+    infos = []
     for what, part in chat.media_parts_of(sample.messages):
-        if part.get("type") in _MEDIA_TYPES:
-            kind = "videos" if part["type"].startswith("video") else "images"
-            raise DataError(f"{sample.where}: {what}: {kind} in training samples are not supported yet")
+        if part.get("type") not in _MEDIA_TYPES:
+            continue
+        try:
+            loaded, info = load_part(part, what, media_options)
+        except MediaError as err:
+            raise DataError(f"{sample.where}: {err}") from None
+        start = 0
+        for t, h, w in np.asarray(loaded.grid_thw).reshape(-1, 3).tolist():
+            items.append((np.asarray(loaded.pixel_values[start : start + t * h * w], np.float32), (t, h, w)))
+            start += t * h * w
+        infos.append(info)
     if thinking is None:
         thinking = any("reasoning_content" in m for m in assistants)
     try:
-        return chat.encode_for_training(sample.messages, tokenizer, tools=sample.tools, thinking=thinking)
+        tokens = chat.encode_for_training(
+            sample.messages, tokenizer, tools=sample.tools, thinking=thinking, media=infos if infos else None
+        )
     except chat.ChatFormatError as err:
         raise DataError(f"{sample.where}: {err}") from None
+    return EncodedSample(tokens.ids, tokens.generated, items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +238,16 @@ class DataStats:
 
 
 class TokenizedSamples:
-    """The kept samples as a random-access grain source: item ``i`` is ``{"input_ids", "targets", "loss_mask"}``,
-    each ``[n_i]`` (targets and mask shifted by one, 0 after the last token, so packing cannot cross samples)."""
+    """The kept samples as a random-access grain source: item ``i`` is ``{"input_ids", "targets", "loss_mask",
+    "sample_index"}``, each ``[n_i]`` (targets and mask shifted by one, 0 after the last token, so packing cannot
+    cross samples; ``sample_index`` is ``i`` throughout, so a packed row says which samples it holds). ``media[i]``
+    lists sample ``i``'s media items (:class:`EncodedSample`), held in memory; ``has_media`` says whether any has
+    one."""
 
-    def __init__(self, ids: np.ndarray, generated: np.ndarray, offsets: np.ndarray):
+    def __init__(self, ids: np.ndarray, generated: np.ndarray, offsets: np.ndarray, media: list | None = None):
         self._ids, self._generated, self._offsets = ids, generated, offsets
+        self.media = media if media is not None else [[] for _ in range(len(offsets) - 1)]
+        self.has_media = any(self.media)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -219,17 +259,23 @@ class TokenizedSamples:
         targets[:-1] = ids[1:]
         loss_mask = np.zeros(len(ids), np.float32)
         loss_mask[:-1] = self._generated[start + 1 : stop]
-        return {"input_ids": ids, "targets": targets, "loss_mask": loss_mask}
+        index_of = np.full(len(ids), index, np.int32)
+        return {"input_ids": ids, "targets": targets, "loss_mask": loss_mask, "sample_index": index_of}
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self._offsets)
 
     def fingerprint(self) -> str:
-        """A hash of the tokens, masks and sample boundaries (a saved position is only valid for the same data)."""
+        """A hash of the tokens, masks, sample boundaries and media (a saved position is only valid for the same
+        data)."""
         digest = hashlib.blake2b(digest_size=8)
         for array in (self._ids, self._generated, self._offsets):
             digest.update(np.ascontiguousarray(array).tobytes())
+        for items in self.media:
+            for values, grid in items:
+                digest.update(np.asarray(grid, np.int64).tobytes())
+                digest.update(np.ascontiguousarray(values).tobytes())
         return digest.hexdigest()
 
 
@@ -242,18 +288,19 @@ def tokenize_samples(
     thinking: bool | None = None,
 ) -> tuple[TokenizedSamples, DataStats]:
     """Encode every sample (:func:`encode_sample`) and apply the ``overlong`` rule to those over ``max_length``
-    tokens: ``"drop"`` leaves them out, ``"truncate"`` keeps their first ``max_length`` tokens."""
+    tokens: ``"drop"`` leaves them out, ``"truncate"`` keeps their first ``max_length`` tokens (samples with media
+    are always dropped: a cut could split an item's placeholders)."""
     if overlong not in ("drop", "truncate"):
         raise DataError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
     if max_length < 2:
         raise DataError(f"max_length must be at least 2 tokens, got {max_length}")
-    ids, generated, lengths = [], [], []
+    ids, generated, lengths, media = [], [], [], []
     dropped = truncated = 0
     for sample in samples:
         tokens = encode_sample(sample, tokenizer, thinking=thinking)
         n = len(tokens.ids)
         if n > max_length:
-            if overlong == "drop":
+            if overlong == "drop" or tokens.media:  # cutting through media placeholders would orphan features
                 dropped += 1
                 continue
             truncated += 1
@@ -261,12 +308,13 @@ def tokenize_samples(
         ids.append(np.asarray(tokens.ids[:n], np.int32))
         generated.append(np.asarray(tokens.generated[:n], np.uint8))
         lengths.append(n)
+        media.append(tokens.media)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
     flat_generated = np.concatenate(generated) if generated else np.zeros(0, np.uint8)
     trained = sum(int(g[1:].sum()) for g in generated)
     stats = DataStats(len(samples), int(offsets[-1]), trained, dropped, truncated)
-    return TokenizedSamples(flat_ids, flat_generated, offsets), stats
+    return TokenizedSamples(flat_ids, flat_generated, offsets, media), stats
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -276,8 +324,9 @@ def tokenize_samples(
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
 
-def _stack_rows(rows: Sequence[dict], batch_size: int) -> dict[str, np.ndarray]:
-    """Packed rows -> the batch dict; a short last batch (finite epochs) is padded with empty rows."""
+def _stack_rows(rows: Sequence[dict], batch_size: int, media=None) -> dict[str, np.ndarray]:
+    """Packed rows -> the batch dict; a short last batch (finite epochs) is padded with empty rows. ``media``:
+    ``(source, vision config, pad id)`` for data with media (:func:`_media_arrays`)."""
     batch = {
         "input_ids": np.stack([r["input_ids"] for r in rows]).astype(np.int32),
         "targets": np.stack([r["targets"] for r in rows]).astype(np.int32),
@@ -288,7 +337,33 @@ def _stack_rows(rows: Sequence[dict], batch_size: int) -> dict[str, np.ndarray]:
     missing = batch_size - len(rows)
     if missing:
         batch = {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
+    if media is not None:
+        sample_index = np.stack([r["sample_index"] for r in rows]).astype(np.int32)
+        batch.update(_media_arrays(batch, np.pad(sample_index, ((0, missing), (0, 0))), *media))
     return batch
+
+
+def _media_arrays(batch: dict, sample_index: np.ndarray, source: TokenizedSamples, vision, pad_id: int) -> dict:
+    """``media_index [B, T]`` (the merged media token each ``<|media_pad|>`` takes, -1 elsewhere) and the vision
+    layout (``k25jax.vision.moonvit.layout_arrays``) of the batch's media items in row-major placeholder order:
+    rows in order, samples in a row in order, items in a sample in order."""
+    from k25jax.vision.moonvit import layout_arrays
+
+    items = []
+    segments = batch["segment_ids"]
+    for b in range(segments.shape[0]):
+        row = segments[b]
+        starts = np.flatnonzero((row > 0) & (np.concatenate([[0], row[:-1]]) != row))
+        for start in starts:
+            items += source.media[int(sample_index[b, start])]
+    is_pad = (batch["input_ids"] == pad_id) & (segments > 0)
+    layout = layout_arrays(items, vision)
+    tokens = int((layout["vision_merge_weight"].sum(-1) > 0).sum())
+    if int(is_pad.sum()) != tokens:  # cannot happen for samples encode_sample made: a bug, not bad data
+        raise DataError(f"a batch holds {int(is_pad.sum())} {chat.MEDIA_PAD} tokens but its media give {tokens}")
+    media_index = np.full(is_pad.shape, -1, np.int32)
+    media_index[is_pad] = np.arange(tokens, dtype=np.int32)
+    return {"media_index": media_index, **layout}
 
 
 class Batches(Iterator[dict[str, np.ndarray]]):
@@ -336,11 +411,15 @@ def make_batches(
     num_epochs: int | None = None,
     packing_bins: int | None = None,
     thinking: bool | None = None,
+    vision=None,
 ) -> Batches:
     """The training batches of ``data`` (a path for :func:`load_samples`, or samples): each epoch shuffled with
     ``seed`` (differently per epoch), samples packed first-fit into ``packing_bins`` rows at a time (default
     ``batch_size``; more bins pack tighter), rows grouped ``batch_size`` at a time. ``num_epochs=None`` repeats
-    forever. Deterministic: one process, no worker threads. See the module doc for the batch dict."""
+    forever. Deterministic: one process, no worker threads. See the module doc for the batch dict.
+
+    Data with images or videos needs ``vision`` (the model's :class:`~k25jax.config.VisionConfig`): every batch
+    then also carries ``media_index`` and the vision layout of its media (module doc)."""
     import grain
     from grain.experimental import FirstFitPackIterDataset
 
@@ -359,9 +438,14 @@ def make_batches(
     packing_bins = packing_bins or batch_size
     dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    lengths = {"input_ids": max_length, "targets": max_length, "loss_mask": max_length}
+    media = None
+    if source.has_media:
+        if vision is None:
+            raise DataError(f"{name}: the samples hold images or videos but the model has no vision tower")
+        media = (source, vision, tokenizer.token_id(chat.MEDIA_PAD))
+    lengths = {"input_ids": max_length, "targets": max_length, "loss_mask": max_length, "sample_index": max_length}
     dataset = FirstFitPackIterDataset(dataset, length_struct=lengths, num_packing_bins=packing_bins, shuffle_bins=False)
-    dataset = dataset.batch(batch_size, batch_fn=functools.partial(_stack_rows, batch_size=batch_size))
+    dataset = dataset.batch(batch_size, batch_fn=functools.partial(_stack_rows, batch_size=batch_size, media=media))
     settings = {
         "data": source.fingerprint(),
         "seed": seed,

@@ -95,10 +95,27 @@ def token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> t
     return (nll * mask).sum() / jnp.maximum(tokens, 1.0), tokens
 
 
+def input_embeddings(model, batch: dict) -> jax.Array:
+    """``[B, T, D]`` embeddings of a batch: the token table's, with the media features at ``<|media_pad|>``
+    positions when the batch carries media (``media_index`` and the vision layout, ``k25jax.train.data``)."""
+    if "media_index" in batch:
+        from k25jax.vision.moonvit import LAYOUT_KEYS
+
+        if getattr(model, "vision", None) is None:
+            raise ValueError("the batch holds media but the model has no vision tower")
+        return model.embed_with_layout(batch["input_ids"], batch["media_index"], {k: batch[k] for k in LAYOUT_KEYS})
+    return getattr(model, "text", model).embed(batch["input_ids"])
+
+
 def model_loss(model, batch: dict) -> tuple[jax.Array, dict]:
     """The loss of a ``K25`` (or ``TextModel``) on a packed batch (``k25jax.train.data`` contract)."""
     text = getattr(model, "text", model)
-    logits = text(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logits = text(
+        batch["input_ids"],
+        positions=batch["positions"],
+        inputs_embeds=input_embeddings(model, batch),
+        segment_ids=batch["segment_ids"],
+    )
     loss, tokens = token_loss(logits, batch["targets"], batch["loss_mask"])
     return loss, {"tokens": tokens}
 
@@ -109,7 +126,7 @@ def model_loss_with_load(model, batch: dict) -> tuple[jax.Array, dict]:
     text = getattr(model, "text", model)
     segment_ids = batch["segment_ids"]
     h, load = text.forward_with_load(
-        text.embed(batch["input_ids"]), batch["positions"], segment_ids=segment_ids, valid=segment_ids > 0
+        input_embeddings(model, batch), batch["positions"], segment_ids=segment_ids, valid=segment_ids > 0
     )
     loss, tokens = token_loss(text.logits(h), batch["targets"], batch["loss_mask"])
     aux = {"tokens": tokens}

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from k25jax.config import RunConfig
+from k25jax.demo.shipped import RANDOM, TINY_NAMES, resolve
 from k25jax.sharding import use_mesh
 from k25jax.train import data as train_data
 from k25jax.train.qat import (
@@ -183,16 +184,21 @@ class RunState:
 
 
 def load_for_training(cfg: FinetuneConfig):
-    """The model (``'tiny'`` or a release / checkpoint directory) and its tokenizer."""
+    """The model (a release / checkpoint directory, ``'tiny'``: the shipped demo release, ``'tiny-random'``: the
+    random-init tiny preset with seed ``cfg.seed``) and its tokenizer."""
     import k25jax
     from k25jax.tokenizer import Tokenizer
 
     run = cfg.run_config()
-    if cfg.model == "tiny":
+    if cfg.model == RANDOM:
         return k25jax.build_model(k25jax.preset("tiny"), run, seed=cfg.seed), Tokenizer.tiny()
-    if not os.path.isdir(cfg.model):
-        raise QATError(f"--model {cfg.model}: no such directory (a release or k25jax checkpoint, or 'tiny')")
-    return k25jax.load_model(cfg.model, run, progress=cfg.progress), Tokenizer.from_pretrained(cfg.model)
+    try:
+        path = resolve(cfg.model)
+    except FileNotFoundError as err:
+        raise QATError(str(err)) from None
+    if not os.path.isdir(path):
+        raise QATError(f"--model {cfg.model}: no such directory (a release or k25jax checkpoint, 'tiny' or '{RANDOM}')")
+    return k25jax.load_model(path, run, progress=cfg.progress), Tokenizer.from_pretrained(path)
 
 
 @dataclasses.dataclass
@@ -366,6 +372,12 @@ def _fingerprint(cfg: FinetuneConfig) -> dict:
     return {k: getattr(cfg, k) for k in keep}
 
 
+def _vision(model):
+    """The vision config a batch's media layout needs (None for a text-only model)."""
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "vision", None)
+
+
 def _as_device(batch: dict) -> dict:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -379,8 +391,17 @@ def _batch_placer(mesh):
     from k25jax.sharding import logical_spec
 
     def place(batch: dict) -> dict:
+        # [B, T] arrays split over the batch axes; a media batch's vision layout (patch-major) is replicated
         return {
-            k: jax.device_put(v, NamedSharding(mesh, logical_spec(("batch", "seq"), v.shape, mesh, "train")))
+            k: jax.device_put(
+                v,
+                NamedSharding(
+                    mesh,
+                    logical_spec(
+                        (None,) * v.ndim if k.startswith("vision_") else ("batch", "seq"), v.shape, mesh, "train"
+                    ),
+                ),
+            )
             for k, v in batch.items()
         }
 
@@ -405,7 +426,7 @@ def held_out_loss(
     ``finetune`` reads them), one pass in order: e.g. a QAT and a PTQ export compared on held-out samples."""
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(r".*"), ...)
     batches = train_data.make_batches(
-        data, tokenizer, batch_size=batch_size, max_length=max_length, seed=0, num_epochs=1
+        data, tokenizer, batch_size=batch_size, max_length=max_length, seed=0, num_epochs=1, vision=_vision(model)
     )
     return evaluate(make_eval_step(graphdef, storage_dtype=storage_dtype), trainable, frozen, batches)
 
@@ -420,13 +441,22 @@ def finetune(cfg: FinetuneConfig, on_step: Callable[[int, dict], None] | None = 
 
     cfg.check()
     model, tokenizer = load_for_training(cfg)
+    vision = _vision(model)
     batches = train_data.make_batches(
-        cfg.data, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, overlong=cfg.overlong
+        cfg.data,
+        tokenizer,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        overlong=cfg.overlong,
+        vision=vision,
     )
     eval_samples = None
     if cfg.eval_data:
         eval_samples = train_data.load_samples(cfg.eval_data)  # read (and rejected) before the first step
-        train_data.make_batches(eval_samples, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=0)
+        train_data.make_batches(
+            eval_samples, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=0, vision=vision
+        )
     mesh = None
     if cfg.mesh:
         from k25jax.sharding import make_mesh, mesh_sizes, shard_model
@@ -486,7 +516,13 @@ def finetune(cfg: FinetuneConfig, on_step: Callable[[int, dict], None] | None = 
             values["tokens_per_s"] = float(np.sum(batch["segment_ids"] > 0)) / max(seconds, 1e-9)
             if eval_samples is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                 eval_batches = train_data.make_batches(
-                    eval_samples, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=0, num_epochs=1
+                    eval_samples,
+                    tokenizer,
+                    batch_size=cfg.batch_size,
+                    max_length=cfg.max_length,
+                    seed=0,
+                    num_epochs=1,
+                    vision=vision,
                 )
                 values["eval_loss"] = evaluate(evaluator, state.trainable, state.frozen_parts(frozen), eval_batches)
             log.write(state.step, values)
@@ -528,7 +564,7 @@ def trained_model(cfg: FinetuneConfig):
         raise TrainingError(f"{cfg.out}: no checkpoint")
     state = RunState(trainable, optimizer.init(trainable), jax.random.key(cfg.seed), 0, prepared.router)
     batches = train_data.make_batches(
-        cfg.data, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed
+        cfg.data, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed, vision=_vision(model)
     )
     state = _restore(manager, state, batches, dataclasses.replace(cfg, resume=True))
     manager.close()
@@ -567,7 +603,7 @@ def export_lora(model, cfg: FinetuneConfig, tokenizer) -> str:
     from k25jax.train.lora import merge_lora, save_adapters
 
     if cfg.lora_export == "adapters":
-        base = cfg.model if cfg.model == "tiny" else os.path.abspath(cfg.model)
+        base = cfg.model if cfg.model in TINY_NAMES else os.path.abspath(cfg.model)
         return save_adapters(model, cfg.export, base_model=base)
     merge_lora(model, cfg.qat_grid)
     return export_release(model, cfg, tokenizer)
@@ -575,21 +611,22 @@ def export_lora(model, cfg: FinetuneConfig, tokenizer) -> str:
 
 def export_release(model, cfg: FinetuneConfig, tokenizer) -> str:
     """Write ``model`` (fake-quant experts as their INT4 weights) as a release directory at ``cfg.export``, with
-    the source's tokenizer and chat-template files (the embedded ones for ``tiny``)."""
+    the source's tokenizer and chat-template files (the embedded ones for ``tiny-random``)."""
     from importlib import resources
 
     to_int4(model)
     quantize_experts(model, cfg.qat_grid, float_only=True)  # a qat=False run's float experts: post-training
     out = exporter()(model, cfg.export, overwrite=True, progress=cfg.progress)
-    if cfg.model == "tiny":
+    if cfg.model == RANDOM:
         assets = resources.files("k25jax") / "assets"
         with resources.as_file(assets / "tiny_tiktoken.model") as p:
             shutil.copyfile(p, os.path.join(out, "tiktoken.model"))
         with resources.as_file(assets / "chat_template.jinja") as p:
             shutil.copyfile(p, os.path.join(out, "chat_template.jinja"))
     else:
-        for name in sorted(os.listdir(cfg.model)):
-            src = os.path.join(cfg.model, name)
+        source = resolve(cfg.model)
+        for name in sorted(os.listdir(source)):
+            src = os.path.join(source, name)
             if os.path.isfile(src) and not name.endswith(".safetensors") and name not in SIDE_FILES_SKIPPED:
                 if not os.path.exists(os.path.join(out, name)):
                     shutil.copyfile(src, os.path.join(out, name))

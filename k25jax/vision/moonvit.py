@@ -125,8 +125,13 @@ def resample_position_table(table: jax.Array, h: int, w: int) -> jax.Array:
 
 def time_embedding(frames: int, dim: int) -> jax.Array:
     """``[frames, dim]`` float32: ``[sin(f w_i) | cos(f w_i)]``, ``w_i = 10000^(-2i/dim)``, frame index f."""
+    return time_embedding_at(jnp.arange(frames, dtype=jnp.int32), dim)
+
+
+def time_embedding_at(frame: jax.Array, dim: int) -> jax.Array:
+    """:func:`time_embedding` rows of the frame indices ``frame [N]``: ``[N, dim]`` float32."""
     inv_freq = 1.0 / (TIME_EMBED_BASE ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    angles = jnp.arange(frames, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = frame.astype(jnp.float32)[:, None] * inv_freq[None, :]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
@@ -151,14 +156,108 @@ def vision_rope(grid: Grid, head_dim: int, theta: float) -> tuple[jax.Array, jax
     Pair ``2k`` rotates by ``col * theta^(-4k/head_dim)`` and pair ``2k+1`` by ``row * theta^(-4k/head_dim)``
     (k < head_dim/4): the release's ``wqkv`` q/k rows are in this interleaved order, so they load unpermuted.
     """
+    rows, cols = patch_rows_cols(grid)
+    return rope_at(rows, cols, head_dim, theta)
+
+
+def rope_at(rows: jax.Array, cols: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """:func:`vision_rope` of patches at ``rows``, ``cols`` (``[P]`` int, in patches)."""
     quarter = head_dim // 4
     inv_freq = 1.0 / (theta ** (np.arange(0, 2 * quarter, 2, dtype=np.float32) / np.float32(2 * quarter)))
     inv_freq = jnp.asarray(inv_freq.astype(np.float32))
-    rows, cols = patch_rows_cols(grid)
     col_angles = cols.astype(jnp.float32)[:, None] * inv_freq  # [P, quarter]
     row_angles = rows.astype(jnp.float32)[:, None] * inv_freq
     angles = jnp.stack([col_angles, row_angles], axis=-1).reshape(-1, 2 * quarter)  # pairs (col k, row k), ...
     return jnp.cos(angles), jnp.sin(angles)
+
+
+LAYOUT_KEYS = (
+    "vision_pixel_values",
+    "vision_rows",
+    "vision_cols",
+    "vision_frames",
+    "vision_has_time",
+    "vision_segments",
+    "vision_pos_weights",
+    "vision_merge_index",
+    "vision_merge_weight",
+)
+
+
+def _capacity(n: int, floor: int) -> int:
+    """The next power of two >= ``max(n, floor)``: a handful of shapes, so a jitted step compiles a few times."""
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def layout_arrays(
+    items: Sequence[tuple[np.ndarray, Sequence[int]]],
+    cfg: VisionConfig,
+    *,
+    patch_capacity: int | None = None,
+    token_capacity: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Host arrays that let :meth:`MoonViT.encode_layout` / :meth:`MoonViT.merge_layout` run a list of media items
+    with traced, fixed-capacity shapes (what a jitted train step needs: ``grid_thw`` decides every shape of
+    :meth:`MoonViT.__call__`, so each distinct item list would compile it again).
+
+    ``items``: ``(pixel_values [t*h*w, 3, ps, ps], (t, h, w))`` per item, in the order their merged tokens fill
+    the text. Patches are packed as :meth:`MoonViT.__call__` packs them and padded to ``patch_capacity``
+    (default: the next power of two, at least 16); merged tokens to ``token_capacity`` (at least 4). Padding
+    patches form one segment of their own; padding tokens average nothing (weight 0). Keys: :data:`LAYOUT_KEYS`.
+    """
+    ps = cfg.patch_size
+    kh, kw = cfg.merge_kernel_size
+    grid = as_grid(np.asarray([g for _, g in items], np.int64).reshape(-1, 3), cfg) if items else ()
+    patches = num_patches(grid)
+    tokens = sum(num_merged_tokens(grid, (kh, kw)))
+    P = _capacity(patches, 16) if patch_capacity is None else patch_capacity
+    M = _capacity(tokens, 4) if token_capacity is None else token_capacity
+    if patches > P or tokens > M:
+        raise ValueError(f"{patches} patches / {tokens} merged tokens exceed the capacities {P} / {M}")
+    T = cfg.pos_emb_time
+    table = cfg.pos_emb_height * cfg.pos_emb_width
+    out = {
+        "vision_pixel_values": np.zeros((P, 3, ps, ps), np.float32),
+        "vision_rows": np.zeros(P, np.int32),
+        "vision_cols": np.zeros(P, np.int32),
+        "vision_frames": np.zeros(P, np.int32),
+        "vision_has_time": np.zeros(P, np.float32),
+        "vision_segments": np.full(P, len(grid), np.int32),
+        "vision_pos_weights": np.zeros((P, table), np.float32),
+        "vision_merge_index": np.zeros((M, T, kh * kw), np.int32),
+        "vision_merge_weight": np.zeros((M, T), np.float32),
+    }
+    start = token = 0
+    for i, ((values, _), (t, h, w)) in enumerate(zip(items, grid, strict=True)):
+        n = t * h * w
+        values = np.asarray(values, np.float32)
+        if values.shape != (n, 3, ps, ps):
+            raise ValueError(f"media item {i}: pixel_values {list(values.shape)} do not match grid {[t, h, w]}")
+        within = np.arange(n)
+        span = slice(start, start + n)
+        out["vision_pixel_values"][span] = values
+        out["vision_rows"][span] = within % (h * w) // w
+        out["vision_cols"][span] = within % w
+        out["vision_frames"][span] = within // (h * w)
+        out["vision_has_time"][span] = float(t > 1)
+        out["vision_segments"][span] = i
+        mh = bicubic_matrix(h, cfg.pos_emb_height) if h != cfg.pos_emb_height or w != cfg.pos_emb_width else None
+        if mh is None:
+            weights = np.eye(table, dtype=np.float32)  # the table itself, as resample_position_table keeps it
+        else:
+            mw = bicubic_matrix(w, cfg.pos_emb_width)
+            weights = np.einsum("hp,wq->hwpq", mh, mw).reshape(h * w, table)
+        out["vision_pos_weights"][span] = np.tile(weights, (t, 1))
+        # merged token (r, c) of the item: sub-tokens (a, b) of every frame f, averaged over the t frames
+        r, c, a, b = np.meshgrid(np.arange(h // kh), np.arange(w // kw), np.arange(kh), np.arange(kw), indexing="ij")
+        in_frame = ((r * kh + a) * w + (c * kw + b)).reshape(-1, kh * kw)  # [h/kh * w/kw, kh*kw]
+        m = in_frame.shape[0]
+        for f in range(t):
+            out["vision_merge_index"][token : token + m, f] = start + f * h * w + in_frame
+            out["vision_merge_weight"][token : token + m, f] = 1.0 / t
+        start += n
+        token += m
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -269,6 +368,35 @@ class MoonViT(nnx.Module):
             pooled = jnp.mean(item.astype(jnp.float32), axis=0) if t > 1 else item[0]
             out.append(pooled.transpose(0, 2, 1, 3, 4).reshape((h // kh) * (w // kw), kh * kw, D).astype(x.dtype))
         return jnp.concatenate(out)
+
+    def encode_layout(self, layout: dict, *, remat: str = "none") -> jax.Array:
+        """:meth:`encode` of the items :func:`layout_arrays` laid out, with traced shapes: ``[P_cap, D]``.
+
+        The same computation up to float rounding (the position table is resampled by one ``[P, Ph*Pw]``
+        contraction instead of two separable ones); padding patches are computed and never read."""
+        dt = self.dtype
+        D = self.cfg.hidden_size
+        x = jnp.einsum("pcij,cijd->pd", layout["vision_pixel_values"].astype(dt), self.patch_proj[...].astype(dt))
+        x = x + self.patch_bias[...].astype(dt)
+        table = self.pos_emb[...].astype(jnp.float32).reshape(-1, D)
+        pos = jnp.einsum(
+            "pq,qd->pd", layout["vision_pos_weights"], table, precision=jax.lax.Precision.HIGHEST
+        ) + layout["vision_has_time"][:, None] * time_embedding_at(layout["vision_frames"], D)
+        x = x + pos.astype(dt)
+        cos, sin = rope_at(layout["vision_rows"], layout["vision_cols"], self.cfg.head_dim, self.cfg.rope_theta)
+        segments = layout["vision_segments"]
+
+        def step(block: VisionBlock, carry: jax.Array, _index) -> jax.Array:
+            return block(carry, cos, sin, segments)
+
+        x = scan_layers(self.blocks, x, step, remat=remat)
+        return self.final_norm(x)
+
+    def merge_layout(self, x: jax.Array, layout: dict) -> jax.Array:
+        """:meth:`merge` for :meth:`encode_layout`'s output: ``[M_cap, kh*kw, D]`` (padding tokens are zeros)."""
+        gathered = x[layout["vision_merge_index"]].astype(jnp.float32)  # [M, T, kh*kw, D]
+        pooled = jnp.einsum("mtsd,mt->msd", gathered, layout["vision_merge_weight"])
+        return pooled.astype(x.dtype)
 
     def __call__(self, pixel_values: jax.Array, grid_thw, *, remat: str = "none") -> jax.Array:
         """Encode packed media items.

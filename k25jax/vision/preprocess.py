@@ -13,6 +13,8 @@ Outputs are numpy: ``pixel_values`` float32 ``[P, 3, 14, 14]`` and ``grid_thw`` 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
@@ -91,12 +93,27 @@ def _describe(source) -> str:
     return f"<{type(source).__name__}>"
 
 
+def data_url_bytes(url: str, what: str) -> bytes:
+    """The bytes of a base64 ``data:<mime>;base64,<data>`` URL; whitespace in the payload is ignored (clients put
+    some in: the model card writes a space after the comma). Anything else raises :class:`MediaError`."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise MediaError(f"{what}: only base64 data URLs are supported (data:<mime>;base64,<data>)")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError(f"{what}: the data URL holds invalid base64") from None
+
+
 def load_image(image, *, what: str | None = None) -> Image.Image:
-    """An RGB ``PIL.Image`` from a path, encoded bytes, a ``PIL.Image`` or a ``uint8`` array ``[H, W(, C)]``.
+    """An RGB ``PIL.Image`` from a path, a base64 ``data:`` URL, encoded bytes, a ``PIL.Image`` or a ``uint8``
+    array ``[H, W(, C)]``.
 
     Transparency is composited onto white. Unreadable, truncated or empty images raise :class:`MediaError`.
     """
     what = what or _describe(image)
+    if isinstance(image, str) and image.startswith("data:"):
+        image = data_url_bytes(image, what)
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise MediaError(f"{what}: no such image file")

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def tiny_pair():
-    # The same model `--model tiny` builds (seed 0, float32), built once for the module.
+    # The same model `--model tiny-random` builds (seed 0, float32), built once for the module.
     return build_model(preset("tiny"), RunConfig(compute_dtype=jnp.float32)), Tokenizer.tiny()
 
 
@@ -52,7 +52,7 @@ def expected_output(model, tok, messages, thinking, new_tokens):
 @pytest.mark.parametrize("thinking", [True, False])
 def test_generate_streams_the_reply(cli_tiny, capsys, thinking):
     model, tok = cli_tiny
-    argv = ["generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0"]
+    argv = ["generate", "--model", "tiny-random", "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0"]
     assert main(argv + ([] if thinking else ["--no-thinking"])) == 0
     expected, reply = expected_output(model, tok, [{"role": "user", "content": "Hello"}], thinking, 12)
     assert capsys.readouterr().out == expected
@@ -88,10 +88,10 @@ def test_sampling_settings_follow_the_thinking_mode(cli_tiny, monkeypatch, capsy
 
         monkeypatch.setattr(Session, "stream", fake_stream)
         monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
-        argv = ["chat", "--model", "tiny"]
+        argv = ["chat", "--model", "tiny-random"]
     else:
         monkeypatch.setattr(sys.modules["k25jax.generation"], "stream", fake_stream)  # the module, not the function
-        argv = ["generate", "--model", "tiny", "--prompt", "Hello"]
+        argv = ["generate", "--model", "tiny-random", "--prompt", "Hello"]
     assert main(argv + flags) == 0
     capsys.readouterr()
     (ids, kw), tok = seen[0], cli_tiny[1]
@@ -102,7 +102,7 @@ def test_sampling_settings_follow_the_thinking_mode(cli_tiny, monkeypatch, capsy
 def test_chat_keeps_history_and_resets(cli_tiny, capsys, monkeypatch):
     model, tok = cli_tiny
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/reset\nWhat is 2+2?\n\nAnd 3+3?\n"))
-    argv = ["chat", "--model", "tiny", "--max-new-tokens", "10", "--temperature", "0", "--no-thinking"]
+    argv = ["chat", "--model", "tiny-random", "--max-new-tokens", "10", "--temperature", "0", "--no-thinking"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     first, _ = expected_output(model, tok, [{"role": "user", "content": "Hello there"}], False, 10)
@@ -226,7 +226,7 @@ def test_chat_attaches_a_video_to_the_next_message(cli_tiny, capsys, monkeypatch
 
 def test_bad_mesh_is_named(cli_tiny):
     with pytest.raises(SystemExit, match=r"k25jax chat: --mesh data:8: .*expected NAME=SIZE"):
-        main(["chat", "--model", "tiny", "--mesh", "data:8"])
+        main(["chat", "--model", "tiny-random", "--mesh", "data:8"])
 
 
 def test_release_dir_without_tokenizer_is_named(tmp_path):
@@ -263,7 +263,7 @@ def test_generate_from_a_release_directory(tmp_path, capsys):
 def test_chat_reads_piped_stdin():
     """The real command, stdin piped: two turns, each reply under its own header."""
     proc = subprocess.run(
-        [sys.executable, "-m", "k25jax.cli", "chat", "--model", "tiny", "--max-new-tokens", "6", "--temperature", "0"],
+        [sys.executable, "-m", "k25jax.cli", "chat", "--model", "tiny-random", "--max-new-tokens", "6", "--temperature", "0"],
         input="Hello\nHow are you?\n",
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-ARGS = ["generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0"]
+ARGS = ["generate", "--model", "tiny-random", "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0"]
 
 
 @pytest.fixture(scope="module")

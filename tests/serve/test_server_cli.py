@@ -24,7 +24,7 @@ def test_serve_command_drains_on_sigterm():
         "k25jax.cli",
         "serve",
         "--model",
-        "tiny",
+        "tiny-random",
         "--port",
         str(port),
         "--max-slots",

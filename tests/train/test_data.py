@@ -314,7 +314,7 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
         '{"messages": []}': "a sample needs a non-empty 'messages' list",
         '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;'
         'base64,AAAA"}}]}, {"role": "assistant", "content": "a"}]}': (
-            r"messages\[0\]\.content\[0\]: images in training samples are not supported yet"
+            r"messages\[0\]\.content\[0\]: <bytes>: not a recognised image format"
         ),
     }
     for line, message in cases.items():

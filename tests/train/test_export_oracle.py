@@ -40,7 +40,7 @@ def exported(tmp_path_factory):
     """A 3-step full-QAT fine-tune of the tiny preset (vision tower included), exported; both models on it."""
     root = tmp_path_factory.mktemp("qat")
     cfg = FinetuneConfig(
-        model="tiny",
+        model="tiny-random",
         data=_write_samples(root / "train.jsonl", 32),
         out=str(root / "run"),
         steps=3,
