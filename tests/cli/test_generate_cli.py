@@ -263,7 +263,18 @@ def test_generate_from_a_release_directory(tmp_path, capsys):
 def test_chat_reads_piped_stdin():
     """The real command, stdin piped: two turns, each reply under its own header."""
     proc = subprocess.run(
-        [sys.executable, "-m", "k25jax.cli", "chat", "--model", "tiny-random", "--max-new-tokens", "6", "--temperature", "0"],
+        [
+            sys.executable,
+            "-m",
+            "k25jax.cli",
+            "chat",
+            "--model",
+            "tiny-random",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ],
         input="Hello\nHow are you?\n",
         capture_output=True,
         text=True,

@@ -175,7 +175,18 @@ def test_bad_inputs_fail_before_the_first_step(tmp_path, samples):
         assert not out.exists(), change  # nothing half-written
     # the CLI: one line naming the file and line, exit status 2
     result = subprocess.run(
-        [sys.executable, "-m", "k25jax.cli", "finetune", "--model", "tiny-random", "--data", str(bad), "--out", str(tmp_path / "cli")],
+        [
+            sys.executable,
+            "-m",
+            "k25jax.cli",
+            "finetune",
+            "--model",
+            "tiny-random",
+            "--data",
+            str(bad),
+            "--out",
+            str(tmp_path / "cli"),
+        ],
         capture_output=True,
         text=True,
         env=dict(os.environ, PYTHONPATH=ROOT),
@@ -213,7 +224,9 @@ def test_zero_step_run_exports_a_kimi_grid_input_byte_for_byte(tmp_path, samples
     model = k25jax.build_model(tiny(), RunConfig(compute_dtype="float32"), seed=4)
     quantize_experts(model, "kimi")
     source = export_model(model, tmp_path / "source", progress=False)
-    finetune(FinetuneConfig(model="tiny-random", data=train, out=str(tmp_path / "tok"), steps=0, export=str(tmp_path / "t")))
+    finetune(
+        FinetuneConfig(model="tiny-random", data=train, out=str(tmp_path / "tok"), steps=0, export=str(tmp_path / "t"))
+    )
     for name in ("tiktoken.model", "chat_template.jinja"):  # the tokenizer a release carries beside its weights
         os.link(os.path.join(tmp_path / "t", name), os.path.join(source, name))
     cfg = _cfg(tmp_path / "zero", train, model=source, steps=0, export=str(tmp_path / "out"))

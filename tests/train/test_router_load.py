@@ -138,7 +138,17 @@ def data(tmp_path_factory):
 
 
 def _cfg(out, data, **kw) -> FinetuneConfig:
-    base = dict(model="tiny-random", data=data, out=str(out), steps=2, batch_size=4, max_length=64, lr=1e-3, progress=False, seed=3)
+    base = dict(
+        model="tiny-random",
+        data=data,
+        out=str(out),
+        steps=2,
+        batch_size=4,
+        max_length=64,
+        lr=1e-3,
+        progress=False,
+        seed=3,
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
