@@ -64,6 +64,7 @@ def _rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
+@pytest.mark.slow  # ~30 s; CI keeps the chunked-prefill and batch-mixing media checks
 def test_cached_logits_with_media_match_full_sequence(model, prompts):
     """Prefill (vision features merged) then teacher-forced absorbed decode equal ``model(ids, pixel_values=...)``
     at every position, for a right-padded batch of an image prompt and a video + image prompt."""

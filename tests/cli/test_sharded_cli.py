@@ -104,6 +104,7 @@ def _run_two_hosts(port: int) -> list[tuple[subprocess.Popen, str, str]]:
     return [(p, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
 
 
+@pytest.mark.slow  # ~45 s: two processes over gloo; CI keeps the one-host sharded CLI tests
 def test_generate_on_two_hosts(expected):
     """Two processes of 4 CPU devices each, joined by jax.distributed: one 8-device mesh; process 0 prints.
 

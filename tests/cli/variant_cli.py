@@ -32,9 +32,10 @@ def load_variant(model: str, run=None):
     ), Tokenizer.tiny()
 
 
-cli_generate.load_model_and_tokenizer = load_variant
-
 if __name__ == "__main__":
+    # Only when run as the command: importing this module (test_sharded_cli does, for load_variant) must not
+    # replace the loader for the rest of the test session.
+    cli_generate.load_model_and_tokenizer = load_variant
     # Gloo (the CPU collectives of a multi-process run) logs connections from C++ threads on file descriptor 1:
     # send those to stderr and keep Python's stdout, the reply, on the original stdout.
     reply_fd = os.dup(1)

@@ -20,7 +20,7 @@ from k25jax.vision import expand_media_pads, pack, preprocess_image, tokens_for_
 
 import oracle
 
-pytestmark = pytest.mark.reference
+pytestmark = [pytest.mark.reference, pytest.mark.slow]  # ~60 s; CI checks the shipped demo export (tests/demo)
 
 TOL = 1e-4  # max |diff| <= TOL * max |logits| (float32 both sides; measured ~3e-7)
 

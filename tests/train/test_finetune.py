@@ -73,6 +73,7 @@ def _state(cfg) -> dict:
     return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
+@pytest.mark.slow  # ~50 s; CI keeps the in-process resume checks (LoRA run, data pipeline)
 def test_resume_after_sigkill_is_bitwise(tmp_path, samples):
     train, _ = samples
     whole = _cfg(tmp_path / "whole", train)

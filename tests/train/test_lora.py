@@ -239,6 +239,7 @@ def test_grouped_matmul_gradients_match_a_dense_reference():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow  # ~22 s
 def test_expert_op_strategies_agree_with_lora_weights_and_layer_stacks():
     """grouped / tiled / per_row on a layer-stacked [L, E, ...] LoRA weight (the cached path indexes [layer, expert])
     agree within 1e-5, values and adapter gradients, with the per-layer slice."""

@@ -8,6 +8,7 @@ gives 7e-7 after 20 steps; lr 1e-3 6.7e-5 (a flip at step 8); lr 3e-3 4e-4. The 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 
 import k25jax
@@ -69,6 +70,7 @@ def _run(mesh):
     return np.asarray(losses), trainable
 
 
+@pytest.mark.slow  # ~40 s; CI keeps the sharded router-load check of the training loss
 def test_sharded_qat_matches_single_device():
     mesh = make_mesh(fsdp=2, expert=2, tensor=2)
     want, _ = _run(None)
