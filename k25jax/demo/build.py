@@ -22,6 +22,7 @@ checkpoint):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import shutil
 import sys
 import time
 
-from k25jax.config import K25_QUANT_IGNORE, K25Config, QuantConfig, TextConfig, VisionConfig, YarnRope
+from k25jax.config import K25Config, tiny
 from k25jax.demo import tasks
 from k25jax.demo.shipped import demo_dir
 
@@ -41,60 +42,35 @@ DEFAULT_CONFIG = os.path.join("configs", "qat", "demo.yaml")
 
 
 def demo_config() -> K25Config:
-    """The demo model: a 1.4M-parameter K2.5 (4 layers, hidden 128, 8 routed experts top-2 + 1 shared, MLA with
-    a 64-wide latent, YaRN rope to 1024 positions) with a 2-layer MoonViT tower."""
+    """The demo model: the ``tiny`` preset's layout widened to a 1.4M-parameter K2.5 (4 layers, hidden 128, 8 routed
+    experts top-2 + 1 shared, MLA with a 64-wide latent, YaRN rope to 1024 positions) with a 2-layer MoonViT tower,
+    on the demo tokenizer's vocabulary (special ids right after its :data:`NUM_RANKS` ranks)."""
+    base = tiny()
     hidden = 128
-    text = TextConfig(
+    text = dataclasses.replace(
+        base.text,
         vocab_size=VOCAB,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         moe_intermediate_size=hidden // 2,
         num_hidden_layers=4,
-        num_attention_heads=4,
         q_lora_rank=hidden // 2,
         kv_lora_rank=hidden // 2,
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
         v_head_dim=32,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        n_group=2,
-        topk_group=1,
-        norm_topk_prob=True,
         routed_scaling_factor=2.5,
-        rms_norm_eps=1e-5,
-        latent_norm_eps=1e-6,
         rope_theta=10000.0,
-        rope_scaling=YarnRope(
-            factor=4.0,
-            original_max_position_embeddings=256,
-            beta_fast=32.0,
-            beta_slow=1.0,
-            mscale=1.0,
-            mscale_all_dim=1.0,
-        ),
-        max_position_embeddings=1024,
+        rope_scaling=dataclasses.replace(base.text.rope_scaling, factor=4.0, original_max_position_embeddings=256),
     )
-    vision = VisionConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        patch_size=14,
-        pos_emb_height=8,
-        pos_emb_width=8,
-        pos_emb_time=4,
-        merge_kernel_size=(2, 2),
-        mm_hidden_size=64,
-        text_hidden_size=hidden,
+    vision = dataclasses.replace(
+        base.vision, hidden_size=64, intermediate_size=128, mm_hidden_size=64, text_hidden_size=hidden
     )
     special = NUM_RANKS
-    return K25Config(
+    return dataclasses.replace(
+        base,
         text=text,
         vision=vision,
-        quantization=QuantConfig(ignore=K25_QUANT_IGNORE),
         media_placeholder_token_id=special + 21,
         bos_token_id=special,
         eos_token_id=special + 1,
