@@ -5,7 +5,8 @@ written as a release directory (plus the embedded tiny tokenizer as ``tiktoken.m
 
 Servers, each a subprocess on a free port, started one after the other (never both at once):
 
-- ``k25jax serve --model REL --max-slots S`` (other settings default).
+- ``k25jax serve --model REL --max-slots S --warmup 256`` (other settings default): the engine compiles the
+  prefill and decode shapes of sequences up to 256 positions before it serves (its start-up time is recorded).
 - ``transformers serve`` on the same weights, where it runs. In transformers 5.24 on this machine it does not load
   ``Kimi_K25ForConditionalGeneration`` (its processor needs torchvision, not installed: the error is recorded), so
   it serves the text model: ``DeepseekV3ForCausalLM`` holding the release's language-model and lm_head tensors
@@ -372,6 +373,9 @@ def main() -> int:
     ap.add_argument("--workloads", default="fixed,mixed")
     ap.add_argument("--min-requests", type=int, default=8, help="requests per level: max(this, 2 x clients)")
     ap.add_argument("--max-slots", type=int, default=16, help="k25jax serve --max-slots")
+    ap.add_argument(
+        "--warmup", type=int, default=256, help="k25jax serve --warmup (compile the shapes of sequences up to N)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--out", default=RESULTS)
@@ -402,7 +406,7 @@ def main() -> int:
         report["release_write_s"] = make_release(release)
         port = free_port()
         argv = [os.path.join(BIN, "k25jax"), "serve", "--model", release, "--port", str(port)]
-        argv += ["--max-slots", str(args.max_slots), "--log-level", "warning"]
+        argv += ["--max-slots", str(args.max_slots), "--log-level", "warning", "--warmup", str(args.warmup)]
         srv = Server("k25jax", argv, port, "kimi-k2.5", os.path.join(tmp, "k25jax.log"))
         report["servers"]["k25jax"] = {"argv": " ".join(argv[1:]).replace(tmp, "$TMP"), "startup_s": srv.startup_s}
         try:

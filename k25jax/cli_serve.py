@@ -30,9 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_and_tokenizer(args.model, run)
         if args.mesh:
             model = place_on_mesh(model, args.mesh, "serve")
-    for name in ("max_slots", "max_queue", "decode_window", "prefill_chunk"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            raise SystemExit(f"k25jax serve: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_slots", "max_queue", "decode_window", "prefill_chunk", "warmup"):
+        least = 0 if name in ("max_queue", "warmup") else 1
+        if getattr(args, name) < least:
+            raise SystemExit(f"k25jax serve: --{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     name = args.served_model_name or ("k25jax-tiny" if args.model in TINY_NAMES else "kimi-k2.5")
     app = create_app(
         model,
@@ -46,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
         allow_remote_media=args.allow_remote_media,
         engine_options={"decode_window": args.decode_window, "prefill_chunk": args.prefill_chunk},
+        warmup=args.warmup,
     )
     print(f"k25jax serve: model {name!r} ({args.model}) on http://{args.host}:{args.port}/v1", flush=True)
     serve(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
@@ -71,6 +73,14 @@ def register_serve(sub) -> None:
     p.add_argument("--max-tokens-cap", type=int, default=None, help="the most new tokens a request gets")
     p.add_argument("--decode-window", type=int, default=8, help="decode steps per dispatch")
     p.add_argument("--prefill-chunk", type=int, default=512, help="most prompt tokens per prefill chunk")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before serving, compile the prefill and decode shapes of sequences up to N positions, so early "
+        "requests do not wait for the compiler (0: off; e.g. 2048)",
+    )
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image / video URLs")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

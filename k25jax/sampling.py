@@ -168,7 +168,7 @@ class SlotParams:
 
     @classmethod
     def empty(cls, batch: int, bias_width: int, stop_width: int) -> SlotParams:
-        return cls(**{k: jnp.asarray(v) for k, v in _row_values(batch, bias_width, stop_width).items()})
+        return cls(**jax.device_put(_row_values(batch, bias_width, stop_width)))  # one transfer call, not 12
 
     def row(self, slot) -> SlotParams:
         """The ``[1, ...]`` settings of one slot (``slot`` may be traced)."""

@@ -148,7 +148,8 @@ def _text_loss(text, ids, mask, segments, positions):
     return -jnp.mean(jnp.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)), logits
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+# remat="full" is slow-marked (CI time, 12 s); "none" stays in CI
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_text_model_blockwise_logits_and_gradients(models, remat):
     """``RunConfig(attention_block=4)`` vs the plain model, T = 15 with key padding and packed segments: logits and
     the gradients of a next-token loss w.r.t. every float parameter within 1e-5 relative (max seen: logits 3.1e-7,

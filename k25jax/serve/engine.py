@@ -554,6 +554,78 @@ class Engine:
         r.times["finished"] = time.perf_counter()
 
     # ----------------------------------------------------------------------------------------------------
+    # Compiling ahead of traffic
+    # ----------------------------------------------------------------------------------------------------
+
+    def warmup_shapes(self, max_length: int = 1024) -> dict[str, list[tuple[int, int]]]:
+        """The compiled-step shapes plain traffic meets while every sequence (prompt plus new tokens) stays
+        within ``max_length`` positions: ``"prefill"``: ``(rows, chunk)`` of the whole-prompt final chunks
+        (rows: the batch of prompts prefilled together; chunk: the bucketed prompt length); ``"decode"``:
+        ``(rows, span)`` of the decode windows (rows: live slots, bucketed; span: cache positions attended).
+
+        Rows are powers of two up to ``max_slots``; chunks powers of two from 16 up to ``prefill_chunk`` (and
+        ``max_length``); spans powers of two from 128 up to ``max_context`` (and ``max_length``). Not covered
+        (they compile when first met): prompts continued after a reused prefix or longer than one chunk,
+        logprobs, guided decoding, media (the vision tower compiles per grid)."""
+        limit = min(int(max_length), self.max_context)
+        if limit < 2:
+            raise EngineError(f"engine: warmup max_length must be >= 2, got {max_length}")
+        rows = sorted({min(bucket(n, 1), self.max_slots) for n in range(1, self.max_slots + 1)})
+        chunks, T = [], 16
+        while True:
+            chunks.append(T)
+            if T >= min(self.prefill_chunk, limit - 1):
+                break
+            T *= 2
+        spans, S = [], 128
+        while True:
+            spans.append(min(S, self.max_context))
+            if S >= limit:
+                break
+            S *= 2
+        return {
+            "prefill": [(P, T) for P in rows for T in chunks],
+            "decode": [(P, S) for P in rows for S in sorted(set(spans))],
+        }
+
+    def warmup(self, max_length: int = 1024, *, progress: bool = True) -> dict:
+        """Compile the prefill and decode steps of :meth:`warmup_shapes` now, so the first requests of each
+        batch size do not wait for the compiler (a few seconds per shape on a CPU for a small model).
+
+        Only on an idle engine. Every call runs with no live rows: the prefill chunks carry no tokens and the
+        decode windows find nothing to do, so the cache and the slots are unchanged; the compiled code is what
+        later steps of those shapes reuse. Returns ``{"shapes": n, "seconds": s}``."""
+        if not self.idle:
+            raise EngineError("engine: warmup() needs an idle engine (no request waiting or running)")
+        shapes = self.warmup_shapes(max_length)
+        work = [("prefill", *s) for s in shapes["prefill"]] + [("decode", *s) for s in shapes["decode"]]
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        row = smp.slot_row(THINKING, 0, 1, (), self.bias_width, self.stop_width)
+        with use_mesh(self.mesh):
+            for T in sorted({T for _, T in shapes["prefill"]}):  # a free slot's settings: rewritten on admission
+                self.cache, self.ss, self.params = self.fns.admit(
+                    self.cache, self.ss, self.params, 0, row, jnp.zeros((T,), jnp.int32), 0
+                )
+            for kind, P, size in tqdm(work, desc="engine warm-up", unit="shape", disable=not progress):
+                slots = jnp.arange(P, dtype=jnp.int32)
+                if kind == "prefill":
+                    span = min(self.max_context, bucket(size, 128))
+                    self.cache, self.ss, out = self.fns.prefill_chunk(
+                        self.state, self.cache, self.ss, self.params, slots, jnp.zeros((P, size), jnp.int32),
+                        jnp.zeros((P,), jnp.int32), None, None, None, form="full", final=True, span=span,
+                        n_logprobs=None,
+                    )  # fmt: skip
+                else:
+                    self.cache, self.ss, out = self.fns.decode_window(
+                        self.state, self.cache, self.ss, self.params, slots, None,
+                        steps=self.decode_window, span=size, n_logprobs=None,
+                    )  # fmt: skip
+                jax.block_until_ready(out)
+        return {"shapes": len(work), "seconds": time.perf_counter() - start}
+
+    # ----------------------------------------------------------------------------------------------------
 
     def grow(self, max_context: int) -> None:
         """More positions per slot (contents kept); only between steps."""

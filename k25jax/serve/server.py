@@ -376,6 +376,7 @@ def create_app(
     max_tokens_cap: int | None = None,
     allow_remote_media: bool = False,
     engine_options: dict | None = None,
+    warmup: int = 0,
 ) -> FastAPI:
     """The server app over ``model`` (a ``K25``, optionally sharded) and its tokenizer.
 
@@ -385,9 +386,13 @@ def create_app(
     sequence; ``max_queue``: requests that may wait for a slot (more get 503 with ``Retry-After``);
     ``max_tokens_cap``: the most new tokens any request gets (a larger ``max_tokens`` is lowered to it);
     ``allow_remote_media``: fetch ``http(s)`` image / video URLs (else only ``data:`` URLs are read);
-    ``engine_options``: more :class:`~k25jax.serve.engine.Engine` arguments.
+    ``engine_options``: more :class:`~k25jax.serve.engine.Engine` arguments; ``warmup``: compile the engine's
+    prefill and decode shapes for sequences up to this many positions before serving
+    (:meth:`~k25jax.serve.engine.Engine.warmup`; 0: compile each shape when a request first needs it).
     """
     engine = Engine(model, max_slots=max_slots, max_context=max_context, tokenizer=tokenizer, **(engine_options or {}))
+    if warmup:
+        engine.warmup(warmup)
     service = Service(
         engine,
         tokenizer,

@@ -51,6 +51,7 @@ def _cli(extra: list[str]) -> list[str]:
     return [sys.executable, os.path.join(HERE, "variant_cli.py"), *ARGS, *extra]
 
 
+@pytest.mark.slow  # CI time (18 s); notebook 03 and tests/test_sharding*.py run sharded generation in CI
 def test_generate_on_a_mesh_in_a_subprocess(expected):
     run = subprocess.run(
         _cli(["--mesh", "expert=4,tensor=2"]), env=_env(8), capture_output=True, text=True, timeout=600, cwd=ROOT

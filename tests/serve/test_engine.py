@@ -264,3 +264,29 @@ def test_prefill_batches_padded_with_other_slots_change_nothing(model):
     assert any(r.cached_tokens > 0 for r in again)
     assert batches.count(4) >= 2, batches  # the two groups of 3
     assert all(b & (b - 1) == 0 for b in batches), batches
+
+
+def test_warmup_compiles_every_shape_plain_traffic_meets(model):
+    """After ``warmup(max_length)`` on an idle engine, requests of mixed batch sizes whose sequences stay within
+    ``max_length`` compile nothing more (prefill, decode, admission), and each gives the tokens of a cold engine:
+    the warm-up changed neither the cache nor the slots."""
+    prompts = [p[:30] for p in _prompts(5, seed=4)]
+    settings = dict(max_slots=2, max_context=256, prefill_chunk=32, prefill_budget=None, block_size=0)
+    engine = _engine(model, **settings)
+    shapes = engine.warmup_shapes(128)
+    assert shapes == {"prefill": [(1, 16), (1, 32), (2, 16), (2, 32)], "decode": [(1, 128), (2, 128)]}
+    done = engine.warmup(128, progress=False)
+    assert done["shapes"] == 6
+    fns = engine.fns
+    sizes = [f._cache_size() for f in (fns.prefill_chunk, fns.decode_window, fns.admit)]
+    assert sizes[0] >= 4 and sizes[1] >= 2 and sizes[2] >= 2, sizes  # the counters count these compilations
+    first = engine.submit(prompts[0], GREEDY, max_tokens=12)
+    engine.step()  # one row decoding, then two prompts prefilled together beside it
+    rest = [engine.submit(p, GREEDY, max_tokens=8 + i) for i, p in enumerate(prompts[1:])]
+    engine.run()
+    assert [f._cache_size() for f in (fns.prefill_chunk, fns.decode_window, fns.admit)] == sizes
+    for p, r, n in zip(prompts, [first, *rest], [12, 8, 9, 10, 11], strict=True):
+        assert len(r.tokens) == n and r.tokens == _alone(model, p, GREEDY, n, **settings)
+    with pytest.raises(EngineError, match="idle"):
+        engine.submit(prompts[0], GREEDY, max_tokens=2)
+        engine.warmup(128)

@@ -110,6 +110,7 @@ def test_expert_load_equals_a_numpy_recount_of_the_top_k_choices():
     assert float(loss) == float(plain)
 
 
+@pytest.mark.slow  # CI time (12 s); the load statistics on one device stay in CI
 def test_expert_load_with_the_experts_split_over_a_mesh():
     """The expert-parallel MoE (experts split over the mesh, routed inside ``shard_map``) counts the same."""
     model = _model(text_variant(tiny(), moe_intermediate_size=64))
