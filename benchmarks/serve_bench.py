@@ -154,7 +154,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.wait_ready(start)
 
-    def wait_ready(self, start: float, timeout: float = 300.0) -> None:
+    def wait_ready(self, start: float, timeout: float = 900.0) -> None:  # k25jax serve --warmup compiles first
         import httpx
 
         while time.perf_counter() - start < timeout:

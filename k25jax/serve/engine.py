@@ -564,9 +564,10 @@ class Engine:
         ``(rows, span)`` of the decode windows (rows: live slots, bucketed; span: cache positions attended).
 
         Rows are powers of two up to ``max_slots``; chunks powers of two from 16 up to ``prefill_chunk`` (and
-        ``max_length``); spans powers of two from 128 up to ``max_context`` (and ``max_length``). Not covered
-        (they compile when first met): prompts continued after a reused prefix or longer than one chunk,
-        logprobs, guided decoding, media (the vision tower compiles per grid)."""
+        ``max_length``); spans powers of two from 128 up to ``max_context`` (and ``max_length``). With prefix reuse on
+        (``block_size > 0``), ``"prefill_after_prefix"``: ``(rows, chunk, span)`` of a prompt's rest after a reused
+        prefix (the absorbed form over the cache). Not covered (they compile when first met): prompts longer than
+        one chunk, logprobs, guided decoding, media (the vision tower compiles per grid)."""
         limit = min(int(max_length), self.max_context)
         if limit < 2:
             raise EngineError(f"engine: warmup max_length must be >= 2, got {max_length}")
@@ -583,9 +584,14 @@ class Engine:
             if S >= limit:
                 break
             S *= 2
+        spans = sorted(set(spans))
         return {
             "prefill": [(P, T) for P in rows for T in chunks],
-            "decode": [(P, S) for P in rows for S in sorted(set(spans))],
+            "decode": [(P, S) for P in rows for S in spans],
+            # after a reused prefix (block_size > 0): the rest of the prompt in absorbed form over span positions
+            "prefill_after_prefix": [(P, T, S) for P in rows for T in chunks for S in spans if T <= S]
+            if self.reuse_prefixes
+            else [],
         }
 
     def warmup(self, max_length: int = 1024, *, progress: bool = True) -> dict:
@@ -598,7 +604,9 @@ class Engine:
         if not self.idle:
             raise EngineError("engine: warmup() needs an idle engine (no request waiting or running)")
         shapes = self.warmup_shapes(max_length)
-        work = [("prefill", *s) for s in shapes["prefill"]] + [("decode", *s) for s in shapes["decode"]]
+        work = [("prefill", P, T, min(self.max_context, bucket(T, 128))) for P, T in shapes["prefill"]]
+        work += [("absorbed", *s) for s in shapes["prefill_after_prefix"]]
+        work += [("decode", P, 0, S) for P, S in shapes["decode"]]
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
@@ -608,19 +616,18 @@ class Engine:
                 self.cache, self.ss, self.params = self.fns.admit(
                     self.cache, self.ss, self.params, 0, row, jnp.zeros((T,), jnp.int32), 0
                 )
-            for kind, P, size in tqdm(work, desc="engine warm-up", unit="shape", disable=not progress):
+            for kind, P, T, span in tqdm(work, desc="engine warm-up", unit="shape", disable=not progress):
                 slots = jnp.arange(P, dtype=jnp.int32)
-                if kind == "prefill":
-                    span = min(self.max_context, bucket(size, 128))
-                    self.cache, self.ss, out = self.fns.prefill_chunk(
-                        self.state, self.cache, self.ss, self.params, slots, jnp.zeros((P, size), jnp.int32),
-                        jnp.zeros((P,), jnp.int32), None, None, None, form="full", final=True, span=span,
-                        n_logprobs=None,
-                    )  # fmt: skip
-                else:
+                if kind == "decode":
                     self.cache, self.ss, out = self.fns.decode_window(
                         self.state, self.cache, self.ss, self.params, slots, None,
-                        steps=self.decode_window, span=size, n_logprobs=None,
+                        steps=self.decode_window, span=span, n_logprobs=None,
+                    )  # fmt: skip
+                else:
+                    self.cache, self.ss, out = self.fns.prefill_chunk(
+                        self.state, self.cache, self.ss, self.params, slots, jnp.zeros((P, T), jnp.int32),
+                        jnp.zeros((P,), jnp.int32), None, None, None, form="full" if kind == "prefill" else "absorbed",
+                        final=True, span=span, n_logprobs=None,
                     )  # fmt: skip
                 jax.block_until_ready(out)
         return {"shapes": len(work), "seconds": time.perf_counter() - start}

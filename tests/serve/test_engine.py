@@ -274,7 +274,13 @@ def test_warmup_compiles_every_shape_plain_traffic_meets(model):
     settings = dict(max_slots=2, max_context=256, prefill_chunk=32, prefill_budget=None, block_size=0)
     engine = _engine(model, **settings)
     shapes = engine.warmup_shapes(128)
-    assert shapes == {"prefill": [(1, 16), (1, 32), (2, 16), (2, 32)], "decode": [(1, 128), (2, 128)]}
+    assert shapes == {
+        "prefill": [(1, 16), (1, 32), (2, 16), (2, 32)],
+        "decode": [(1, 128), (2, 128)],
+        "prefill_after_prefix": [],
+    }
+    reusing = _engine(model, **{**settings, "block_size": 4}).warmup_shapes(128)["prefill_after_prefix"]
+    assert reusing == [(1, 16, 128), (1, 32, 128), (2, 16, 128), (2, 32, 128)]  # the rest of a prompt after a prefix
     done = engine.warmup(128, progress=False)
     assert done["shapes"] == 6
     fns = engine.fns
