@@ -405,10 +405,18 @@ class Engine:
                 return
             pending = [r for r in pending if r.written < len(r.prompt) and not r.finished]
 
+    def _width(self, rows: int) -> int:
+        """The batch a step of ``rows`` slots runs at: a power of two, at most ``max_slots``."""
+        return min(bucket(rows, 1), self.max_slots)
+
+    def _span(self, positions: int) -> int:
+        """The cache positions a step reaching ``positions`` gathers and attends over: a power of two, at least
+        128, at most ``max_context``."""
+        return min(self.max_context, bucket(positions, 128))
+
     def _padded_rows(self, slots: list[int]) -> list[int]:
-        """``slots`` then other slots, up to a power of two (at most ``max_slots``): batch sizes, hence
-        compilations, repeat."""
-        width = min(bucket(len(slots), 1), self.max_slots)
+        """``slots`` then other slots, up to :meth:`_width`: batch sizes, hence compilations, repeat."""
+        width = self._width(len(slots))
         return slots + [s for s in range(self.max_slots) if s not in slots][: width - len(slots)]
 
     def _prefill_group(self, group, form: str, final: bool, touched) -> None:
@@ -444,7 +452,7 @@ class Engine:
         slots = jnp.asarray(taken, jnp.int32)
         lengths = jnp.asarray([n for _, _, n in group] + [0] * (P - len(group)), jnp.int32)
         # Positions the chunk reads or writes: every row's start plus the padded chunk.
-        span = min(self.max_context, bucket(max(start for _, start, _ in group) + T, 128))
+        span = self._span(max(start for _, start, _ in group) + T)
         self.cache, self.ss, out = self.fns.prefill_chunk(
             self.state, self.cache, self.ss, self.params, slots, jnp.asarray(ids), lengths, embeds, mask, bitmask,
             form=form, final=final, span=span, n_logprobs=n_lp,
@@ -479,7 +487,7 @@ class Engine:
         rows = self._padded_rows([r.slot for r in live])
         width = len(rows)
         longest = max(len(r.prompt) + len(r.drawn) for r in live)
-        span = min(self.max_context, bucket(longest + steps_now + 1, 128))
+        span = self._span(longest + steps_now + 1)
         bitmask = None
         if guided:  # the masks change with every token: one step per window
             bitmask = np.full((width, self.mask_words), -1, np.int32)
@@ -557,7 +565,7 @@ class Engine:
     # Compiling ahead of traffic
     # ----------------------------------------------------------------------------------------------------
 
-    def warmup_shapes(self, max_length: int = 1024) -> dict[str, list[tuple[int, int]]]:
+    def warmup_shapes(self, max_length: int = 1024) -> dict[str, list[tuple[int, ...]]]:
         """The compiled-step shapes plain traffic meets while every sequence (prompt plus new tokens) stays
         within ``max_length`` positions: ``"prefill"``: ``(rows, chunk)`` of the whole-prompt final chunks
         (rows: the batch of prompts prefilled together; chunk: the bucketed prompt length); ``"decode"``:
@@ -571,20 +579,10 @@ class Engine:
         limit = min(int(max_length), self.max_context)
         if limit < 2:
             raise EngineError(f"engine: warmup max_length must be >= 2, got {max_length}")
-        rows = sorted({min(bucket(n, 1), self.max_slots) for n in range(1, self.max_slots + 1)})
-        chunks, T = [], 16
-        while True:
-            chunks.append(T)
-            if T >= min(self.prefill_chunk, limit - 1):
-                break
-            T *= 2
-        spans, S = [], 128
-        while True:
-            spans.append(min(S, self.max_context))
-            if S >= limit:
-                break
-            S *= 2
-        spans = sorted(set(spans))
+        rows = sorted({self._width(n) for n in range(1, self.max_slots + 1)})
+        # bucket(n, 16) for every chunk length n up to the longest, likewise the spans: each power of two once
+        chunks = sorted({bucket(n) for n in _powers_up_to(min(self.prefill_chunk, limit - 1))})
+        spans = sorted({self._span(n) for n in _powers_up_to(limit)})
         return {
             "prefill": [(P, T) for P in rows for T in chunks],
             "decode": [(P, S) for P in rows for S in spans],
@@ -604,7 +602,7 @@ class Engine:
         if not self.idle:
             raise EngineError("engine: warmup() needs an idle engine (no request waiting or running)")
         shapes = self.warmup_shapes(max_length)
-        work = [("prefill", P, T, min(self.max_context, bucket(T, 128))) for P, T in shapes["prefill"]]
+        work = [("prefill", P, T, self._span(T)) for P, T in shapes["prefill"]]
         work += [("absorbed", *s) for s in shapes["prefill_after_prefix"]]
         work += [("decode", P, 0, S) for P, S in shapes["decode"]]
         from tqdm.auto import tqdm
@@ -645,3 +643,8 @@ class Engine:
         graphdef, self.state = nnx.split(self.text)
         if graphdef != self.graphdef:
             self.graphdef, self.fns = graphdef, steps.compiled(graphdef)
+
+
+def _powers_up_to(n: int) -> list[int]:
+    """1, 2, 4, ... up to the first power of two >= ``n``."""
+    return [2**k for k in range(max(int(n) - 1, 0).bit_length() + 1)]
