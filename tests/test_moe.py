@@ -13,7 +13,7 @@ from flax import nnx
 from k25jax.config import RunConfig, k25, tiny
 from k25jax.moe import Experts, dispatch_combine, route
 from pallas_kernels.grouped_swiglu import grouped_swiglu
-from pallas_kernels.grouped_swiglu.ops import cpu_strategy, tiles_pay
+from pallas_kernels.grouped_swiglu.ops import cpu_strategy, cpu_tile, tiles_pay
 
 F32 = RunConfig(compute_dtype="float32")
 
@@ -99,11 +99,19 @@ def test_cpu_strategy_gradients_match(strategy):
 def test_cpu_choice_prefill_tiles_decode_rows():
     e = k25().text.n_routed_experts
     assert cpu_strategy(512 * 8, e) == "tiled"  # a 512-token prefill chunk of K2.5: ~512 tiles, not 384 x 4096 rows
-    assert tiles_pay(512 * 8, e) and not tiles_pay(8, e)  # one decode token: the tiles would outnumber the rows
+    assert tiles_pay(512 * 8, e) and not tiles_pay(8, e, tile=32)  # tiles of 32 for 8 rows: more work than ragged_dot
     assert cpu_strategy(32 * 4, 32) == "tiled"  # a 32-token prefill of the benchmark's small model (top-4 of 32)
-    assert cpu_strategy(33, 32) == "grouped"  # 2 + 32 tiles of 32 rows: more work than 32 x 33
-    # At most one pass over the experts: K2.5 (384 experts, top-8) decodes batches of up to 48 one row at a time.
-    assert cpu_strategy(48 * 8, e) == "per_row" and cpu_strategy(49 * 8, e) != "per_row"
+    assert cpu_strategy(8 * 4, 32) == "tiled"  # an 8-token decode step there: tiles of 2 visit each expert once
+    # Fewer rows than experts: one row at a time (K2.5, 384 experts top-8, decodes batches of up to 47 so).
+    assert cpu_strategy(47 * 8, e) == "per_row" and cpu_strategy(48 * 8, e) == "tiled"
+    assert cpu_strategy(31, 32) == "per_row"
+
+
+def test_cpu_tile_follows_the_mean_group():
+    # twice the mean rows per expert as a power of two, within [2, TILE_ROWS]
+    assert [cpu_tile(m, 32) for m in (32, 33, 64, 128, 256, 512, 4096)] == [2, 4, 4, 8, 16, 32, 32]
+    assert cpu_tile(2048 * 8, 8) == 32  # a training batch: the largest tiles
+    assert cpu_tile(3, 1) == 8 and cpu_tile(1, 384) == 2
     assert cpu_strategy(100, 1) == "grouped"  # one expert: ragged_dot is already the plain matmul
 
 

@@ -3,8 +3,8 @@
 
 - :func:`tiled` (many rows, prefill): a scan over row tiles aligned to each expert's group
   (:func:`pallas_kernels.int4_gmm.schedule.group_tiles`: no row computed twice, unlike the fixed tile boundaries
-  the kernels' visit schedule uses): about ``M / TILE_ROWS + E`` small matmuls, and experts with no rows are never
-  read (nor dequantized).
+  the kernels' visit schedule uses): about ``M / tile + E`` small matmuls, and experts with no rows are never
+  read (nor dequantized). ``ops.cpu_tile`` sizes the tiles to the mean group (at most ``TILE_ROWS``).
 - :func:`per_row` (few rows, decode): a scan over the rows, each through its own expert: only the chosen experts'
   weights are read, one expert in flight at a time, so no ``[rows, D, F]`` copy of the weights is ever formed.
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.int4_gmm.schedule import group_tiles
 
-TILE_ROWS = 32  # rows per tile of :func:`tiled`
+TILE_ROWS = 32  # the most rows per tile of :func:`tiled` (training batches; ``ops.cpu_tile``)
 
 
 def expert_weight(weight, expert: jax.Array, layer: jax.Array | None, dtype) -> jax.Array:
