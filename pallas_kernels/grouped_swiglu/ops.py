@@ -51,8 +51,8 @@ def cpu_tile(rows: int, num_experts: int) -> int:
     A visit costs one expert's dequantization plus a ``[tile, D]`` matmul, so tiles much larger than the groups
     multiply rows that are not there. Measured per MoE layer (INT4, E 32, D 256, F 128): a 32-token prefill (128
     rows, mean 4) takes 1.6 ms in tiles of 8 against 3.2 ms in tiles of 32; a decode step of 8 or 16 tokens (32 /
-    64 rows) 0.8 / 1.2 ms in tiles of 2 / 4 against 1.1 / 1.9 ms one row at a time. Training batches (thousands
-    of rows) keep tiles of ``TILE_ROWS``."""
+    64 rows) 0.8 / 1.2 ms in tiles of 2 / 4 against 1.1 / 1.9 ms one row at a time (``benchmarks/moe_cpu_bench.py``
+    prints the whole grid). Training batches (thousands of rows) keep tiles of ``TILE_ROWS``."""
     mean = -(-rows // max(num_experts, 1))
     return int(min(max(2 * (1 << max(mean - 1, 0).bit_length()), 2), cpu.TILE_ROWS))
 
