@@ -1,4 +1,4 @@
-"""CPU strategies of the grouped SwiGLU by row count: one row at a time, tiles of 1..128 rows, and what ``"auto"``
+"""CPU strategies of the grouped SwiGLU by row count: one row at a time, tiles of 1..64 rows, and what ``"auto"``
 picks (``ops.cpu_strategy`` / ``ops.cpu_tile``), on one layer of layer-stacked INT4 (or float) experts.
 
 Rows are sorted by expert with random group sizes (uniform expert choice, seeded), as a decode step of
@@ -6,7 +6,7 @@ Rows are sorted by expert with random group sizes (uniform expert choice, seeded
 ``--iters`` calls of the jitted op (microseconds per call, one MoE layer); every column of a row comes from the same
 run. Defaults: the benchmarks' small model (E 32, D 256, F 128, ``benchmarks/release_model.py``).
 
-    python benchmarks/moe_cpu_bench.py [--experts 32 --hidden 256 --ffn 128] [--rows 4 32 64 128 1024]
+    python benchmarks/moe_cpu_bench.py [--experts 32 --hidden 256 --ffn 128] [--rows 4 16 32 64 128 256 1024]
         [--tiles 1 2 4 8 16 32 64] [--float] [--json FILE]
 """
 
@@ -88,6 +88,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
+    for name in ("experts", "hidden", "ffn", "iters", "trials"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.hidden % 32 or args.ffn % 32:
+        ap.error(f"--hidden ({args.hidden}) and --ffn ({args.ffn}) must be multiples of 32 (the INT4 group)")
+    if min(args.rows + args.tiles) < 1:
+        ap.error("--rows and --tiles must be >= 1")
     results = run(args)
     if args.json:
         with open(args.json, "w") as f:

@@ -101,10 +101,11 @@ def test_cpu_choice_prefill_tiles_decode_rows():
     assert cpu_strategy(512 * 8, e) == "tiled"  # a 512-token prefill chunk of K2.5: ~512 tiles, not 384 x 4096 rows
     assert tiles_pay(512 * 8, e) and not tiles_pay(8, e, tile=32)  # tiles of 32 for 8 rows: more work than ragged_dot
     assert cpu_strategy(32 * 4, 32) == "tiled"  # a 32-token prefill of the benchmark's small model (top-4 of 32)
-    assert cpu_strategy(8 * 4, 32) == "tiled"  # an 8-token decode step there: tiles of 2 visit each expert once
+    assert cpu_strategy(8 * 4, 32) == "tiled"  # an 8-token decode step: tiles of 2, ~one visit per chosen expert
     # Fewer rows than experts: one row at a time (K2.5, 384 experts top-8, decodes batches of up to 47 so).
     assert cpu_strategy(47 * 8, e) == "per_row" and cpu_strategy(48 * 8, e) == "tiled"
     assert cpu_strategy(31, 32) == "per_row"
+    assert cpu_strategy(100, 1) == "grouped"  # one expert: ragged_dot is already the plain matmul
 
 
 def test_cpu_tile_follows_the_mean_group():
@@ -112,7 +113,6 @@ def test_cpu_tile_follows_the_mean_group():
     assert [cpu_tile(m, 32) for m in (32, 33, 64, 128, 256, 512, 4096)] == [2, 4, 4, 8, 16, 32, 32]
     assert cpu_tile(2048 * 8, 8) == 32  # a training batch: the largest tiles
     assert cpu_tile(3, 1) == 8 and cpu_tile(1, 384) == 2
-    assert cpu_strategy(100, 1) == "grouped"  # one expert: ragged_dot is already the plain matmul
 
 
 def test_bad_strategy_and_kernels_named():

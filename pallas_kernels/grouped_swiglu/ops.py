@@ -54,7 +54,7 @@ def cpu_tile(rows: int, num_experts: int) -> int:
     64 rows) 0.8 / 1.2 ms in tiles of 2 / 4 against 1.1 / 1.9 ms one row at a time (``benchmarks/moe_cpu_bench.py``
     prints the whole grid). Training batches (thousands of rows) keep tiles of ``TILE_ROWS``."""
     mean = -(-rows // max(num_experts, 1))
-    return int(min(max(2 * (1 << max(mean - 1, 0).bit_length()), 2), cpu.TILE_ROWS))
+    return min(2 << max(mean - 1, 0).bit_length(), cpu.TILE_ROWS)
 
 
 def tiles_pay(rows: int, num_experts: int, tile: int | None = None) -> bool:
