@@ -47,7 +47,7 @@ def test_cpu_strategies_match_grouped_matmul(int4, strategy, tile):
     group_sizes = jnp.asarray(GROUPS, jnp.int32)
     x = jax.random.normal(jax.random.key(1), (sum(GROUPS) + 5, 64))  # 5 rows past every group: must come out zero
     dense = _op("grouped", x, group_sizes, weights)
-    if tile == cpu.TILE_ROWS:  # through the op, the default tile
+    if tile == cpu.TILE_ROWS:  # through the op (cpu_tile picks 32 for 68 rows over 8 experts)
         got = jax.jit(lambda x, g: _op(strategy, x, g, weights))(x, group_sizes)
     elif tile:
         got = jax.jit(lambda x, g: cpu.tiled(x, g, *weights, dtype=jnp.float32, tile=tile))(x, group_sizes)
