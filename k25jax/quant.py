@@ -248,6 +248,13 @@ def int4_axes(axes: tuple[str | None, ...]) -> tuple[tuple[str | None, ...], tup
     return tuple(axes), (*axes[:-1], None, axes[-1])
 
 
+def kept_whole(path, value) -> bool:
+    """An nnx filter: variables a layer scan passes whole to every layer instead of slicing (their type sets
+    ``whole_stack = True``): the two halves of a layer-subset fake-quant weight, whose leading axes are not the
+    stack's (``k25jax.train.fakequant.SubsetFakeQuantWeight``)."""
+    return bool(getattr(type(value), "whole_stack", False))
+
+
 class Int4Packed(nnx.Param):
     """The packed int32 words of an :class:`Int4Weight`; counts as 8 parameters per word."""
 

@@ -19,6 +19,7 @@ from k25jax.cache import LatentCache
 from k25jax.config import RunConfig, TextConfig
 from k25jax.layers import MLP, RMSNorm, param
 from k25jax.moe import MoE
+from k25jax.quant import kept_whole
 from k25jax.rope import rope_angles, text_inv_freq, text_rope_scale
 from k25jax.sharding import constrain
 
@@ -94,16 +95,14 @@ def scan_layers(stack: nnx.Module, carry, step: Callable, *, remat: str = "none"
 
     ``keep_whole``: an nnx filter of parameters passed whole (``[L, ...]``) to every step instead of sliced per
     layer (the cached decoder passes :data:`EXPERTS_WHOLE`); a module holding such parameters reads layer
-    ``index`` of them itself. ``remat``: a :data:`REMAT` policy name, applied to each layer. A latent cache rides
-    in the carry and each layer writes only its new slots in place (the cache is never rebuilt as a scan
-    output, which would copy all of it every step).
+    ``index`` of them itself. Variables :func:`~k25jax.quant.kept_whole` selects (a layer-subset fake-quant
+    weight's halves) are always passed whole. ``remat``: a :data:`REMAT` policy name, applied to each layer. A
+    latent cache rides in the carry and each layer writes only its new slots in place (the cache is never rebuilt
+    as a scan output, which would copy all of it every step).
     """
-    if keep_whole is None:
-        graphdef, sliced = nnx.split(stack)
-        whole = ()
-    else:
-        graphdef, kept, sliced = nnx.split(stack, keep_whole, ...)
-        whole = (kept,)
+    keep = kept_whole if keep_whole is None else nnx.Any(keep_whole, kept_whole)
+    graphdef, kept, sliced = nnx.split(stack, keep, ...)
+    whole = (kept,)
     count = int(jax.tree.leaves(sliced)[0].shape[0])
 
     def body(carry, xs):

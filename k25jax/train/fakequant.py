@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from k25jax.quant import SCALE_DTYPE, Int4Array, WeightModule, WeightValue
+from k25jax.quant import SCALE_DTYPE, Int4Array, Int4Packed, Int4Scales, WeightModule, WeightValue
 from k25jax.sharding import check_axes
 from pallas_kernels import int4_layout
 from pallas_kernels.int4_matmul.reference import precision
@@ -216,3 +216,208 @@ class FakeQuantWeight(WeightModule):
 
     def value(self) -> FakeQuantArray:
         return FakeQuantArray(self.read(self.master), self.read(self.scales), self.grid, self.mode)
+
+
+# --- fake-quant on some layers of a layer stack, INT4-packed on the others --------------------------------------
+#
+# The MoE layers' experts are one stacked array per projection ([L, E, K, N], run by a layer scan), so "train the
+# experts of layers 40-60" cannot swap the weight type of some layers only. A SubsetFakeQuantWeight holds both
+# halves with their own leading axes: masters (and scales) for the Lt trained layers, packed INT4 words and scales
+# for the L - Lt frozen ones (no float copy of them, no INT4 copy of the trained ones), and an int32 slot per layer
+# (>= 0: that index into the masters; < 0: index -1 - slot into the packed words). The halves are kept whole by the
+# layer scan (``whole_stack`` variables, see k25jax.quant.kept_whole); only the slot is sliced, and each layer
+# picks its half with a cond: the trained branch is exactly FakeQuantArray's forward and gradient, the frozen one
+# exactly Int4Array's dequantization, so the model is bit for bit the one a whole-stack conversion gives on those
+# layers, and at step 0 the INT4 model.
+
+
+class SubsetMaster(nnx.Param):
+    """Fake-quant masters of the trained layers of a stack ``[Lt, E, K, N]`` (passed whole to every layer)."""
+
+    whole_stack = True
+
+
+class SubsetQuantScale(QuantScale):
+    """Frozen / dynamic-mode scales of the trained layers ``[Lt, E, K/32, 1, N]``."""
+
+    whole_stack = True
+
+
+class SubsetLearnedScale(LearnedScale):
+    """Learned (LSQ) scales of the trained layers ``[Lt, E, K/32, 1, N]``."""
+
+    whole_stack = True
+
+
+class SubsetPacked(Int4Packed):
+    """Packed INT4 words of the frozen layers of a stack ``[Lf, E, K/8, N]``."""
+
+    whole_stack = True
+
+
+class SubsetScales(Int4Scales):
+    """INT4 scales of the frozen layers ``[Lf, E, K/32, 1, N]``."""
+
+    whole_stack = True
+
+
+class LayerSlot(nnx.Variable):
+    """Per layer of a stack, int32: ``>= 0`` the layer's index into the trained masters, ``< 0`` index
+    ``-1 - slot`` into the frozen INT4 words (never trained)."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SubsetFakeQuantArray(WeightValue):
+    """A layer-stacked weight ``[L, E, K, N]`` fake-quant on ``layers`` (static, sorted) and INT4 elsewhere.
+
+    ``master [Lt, E, K, N]`` and ``master_scales`` (a :class:`FakeQuantArray`'s leaves for the trained layers),
+    ``packed [Lf, E, K/8, N]`` and ``scales`` (an :class:`~k25jax.quant.Int4Array`'s for the frozen ones), ``slot``
+    ``[L]`` (or ``[]`` once a layer is picked). The two halves keep their own leading axis whatever is indexed:
+    indexing the layer axis indexes ``slot``, the expert axis indexes both halves."""
+
+    master: jax.Array
+    master_scales: jax.Array
+    packed: jax.Array
+    scales: jax.Array
+    slot: jax.Array
+    grid: Grid = dataclasses.field(metadata=dict(static=True))
+    mode: str = dataclasses.field(metadata=dict(static=True))
+    layers: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.slot.shape) + tuple(self.master.shape[1:])
+
+    def leaf_axes(self, axes: tuple[str | None, ...]) -> SubsetFakeQuantArray:
+        """Per-leaf logical axes: both halves take the weight's axes (their stack axis the layer axis's name, or
+        unnamed once a layer is picked), ``slot`` the layer axis."""
+        from k25jax.quant import int4_axes
+
+        axes = tuple(axes)
+        full = axes if self.slot.ndim else (None, *axes)
+        packed_axes, scale_axes = int4_axes(full)
+        return SubsetFakeQuantArray(
+            full,
+            scale_axes,
+            packed_axes,
+            scale_axes,
+            full[:1] if self.slot.ndim else (),
+            self.grid,
+            self.mode,
+            self.layers,
+        )
+
+    def __getitem__(self, index) -> SubsetFakeQuantArray:
+        """Index leading axes: the layer axis (while there is one) picks slots, the rest index both halves."""
+        index = self.leading_index(index)
+        slot, rest = (self.slot[index[0]], index[1:]) if self.slot.ndim else (self.slot, index)
+        inner = (slice(None), *rest)
+        return SubsetFakeQuantArray(
+            self.master[inner],
+            self.master_scales[inner],
+            self.packed[inner],
+            self.scales[inner],
+            slot,
+            self.grid,
+            self.mode,
+            self.layers,
+        )
+
+    def index_layer(self, layer: jax.Array) -> SubsetFakeQuantArray:
+        """Layer ``layer`` (traced) of the stack: what the grouped path takes from a layer-stacked weight."""
+        return self[layer]
+
+    def _layer(self, slot: jax.Array, dtype) -> jax.Array:
+        def trained():
+            i = jnp.maximum(slot, 0)
+            return FakeQuantArray(self.master[i], self.master_scales[i], self.grid, self.mode).dequantize(dtype)
+
+        def frozen():
+            i = jnp.maximum(-1 - slot, 0)
+            return int4_layout.dequantize_device(self.packed[i], self.scales[i], dtype)
+
+        return jax.lax.cond(slot >= 0, trained, frozen)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The weight in ``dtype``: per layer, ``W_fq`` of its master (gradient straight through to it) or the
+        dequantized INT4 words."""
+        dtype = jnp.dtype(dtype)
+        if self.slot.ndim == 0:
+            return self._layer(self.slot, dtype)
+        return jax.lax.map(lambda s: self._layer(s, dtype), self.slot.reshape(-1)).reshape(self.shape)
+
+    def grouped_matmul(self, rows: jax.Array, group_sizes: jax.Array, *, impl: str = "xla") -> jax.Array:
+        """One layer's experts ``[E, K, N]`` (as :meth:`FakeQuantArray.grouped_matmul`)."""
+        w = self.dequantize(rows.dtype)
+        return jax.lax.ragged_dot(
+            rows, w, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32, precision=precision(rows.dtype)
+        )
+
+    def to_int4(self):
+        """The whole stack as one INT4 weight (what export writes): the trained layers' ``q`` and current scales,
+        the frozen layers' words and scales untouched."""
+        if self.slot.ndim != 1:
+            raise ValueError("SubsetFakeQuantArray.to_int4: needs the whole layer stack, got one layer")
+        count = int(self.slot.shape[0])
+        trained = FakeQuantArray(self.master, self.master_scales, self.grid, self.mode).to_int4()
+        frozen = [i for i in range(count) if i not in self.layers]
+        order = jnp.asarray(list(self.layers) + frozen)
+        inverse = jnp.argsort(order)
+        packed = jnp.concatenate([trained.packed, self.packed.astype(trained.packed.dtype)])[inverse]
+        scales = jnp.concatenate([trained.scales, self.scales.astype(trained.scales.dtype)])[inverse]
+        return Int4Array(packed, scales)
+
+
+def layer_slots(count: int, layers) -> tuple[tuple[int, ...], jax.Array]:
+    """``(sorted layers, slot [count])`` for training ``layers`` of a stack of ``count`` (checked)."""
+    chosen = tuple(sorted({int(i) for i in layers}))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= count:
+        raise ValueError(f"layers {list(layers)}: expected a non-empty set of layers in 0..{count - 1}")
+    slot, t, f = [], 0, 0
+    for i in range(count):
+        if i in chosen:
+            slot.append(t)
+            t += 1
+        else:
+            slot.append(-1 - f)
+            f += 1
+    return chosen, jnp.asarray(slot, jnp.int32)
+
+
+class SubsetFakeQuantWeight(WeightModule):
+    """A :class:`SubsetFakeQuantArray` in a model: ``master`` (:class:`SubsetMaster`, trainable), its scales
+    (frozen / dynamic: :class:`SubsetQuantScale`; learned: :class:`SubsetLearnedScale`), the frozen layers'
+    ``packed`` / ``scales`` (INT4 parameter types, never trained) and ``slot`` (:class:`LayerSlot`)."""
+
+    def __init__(
+        self, value: SubsetFakeQuantArray, axes: tuple[str | None, ...], *, what: str = "SubsetFakeQuantWeight"
+    ):
+        check_axes(tuple(axes), value.shape, what)
+        if value.mode not in SCALE_MODES:
+            raise ValueError(f"{what}: scale mode {value.mode!r} is not one of {SCALE_MODES}")
+        if value.slot.ndim != 1:
+            raise ValueError(f"{what}: a layer-subset weight needs a layer axis, got shape {value.shape}")
+        leaf = value.leaf_axes(tuple(axes))
+        self.grid = value.grid
+        self.mode = value.mode
+        self.layers = value.layers
+        self.master = SubsetMaster(value.master, out_sharding=leaf.master, eager_sharding=False)
+        scale_type = SubsetLearnedScale if value.mode == "learned" else SubsetQuantScale
+        self.master_scales = scale_type(value.master_scales, out_sharding=leaf.master_scales, eager_sharding=False)
+        self.packed = SubsetPacked(value.packed, out_sharding=leaf.packed, eager_sharding=False)
+        self.scales = SubsetScales(value.scales, out_sharding=leaf.scales, eager_sharding=False)
+        self.slot = LayerSlot(value.slot, out_sharding=leaf.slot, eager_sharding=False)
+
+    def value(self) -> SubsetFakeQuantArray:
+        read = self.read
+        return SubsetFakeQuantArray(
+            read(self.master),
+            read(self.master_scales),
+            read(self.packed),
+            read(self.scales),
+            read(self.slot),
+            self.grid,
+            self.mode,
+            self.layers,
+        )

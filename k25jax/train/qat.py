@@ -24,8 +24,11 @@ from k25jax.train.fakequant import (
     FakeQuantArray,
     FakeQuantWeight,
     QuantScale,
+    SubsetFakeQuantArray,
+    SubsetFakeQuantWeight,
     grid_of,
     group_scales,
+    layer_slots,
     quantize_int4,
 )
 
@@ -82,12 +85,17 @@ def to_fake_quant(
     grid: str = "kimi",
     scales: str = "dynamic",
     master_dtype="float32",
+    layers=None,
 ) -> FakeQuantReport:
     """Replace, in place, the routed-expert weights whose path matches ``experts`` (a regex searched in
     ``"text/moe_layers/mlp/experts/gate_proj"``-style paths) by fake-quant weights on ``grid`` with ``scales`` mode.
 
     INT4 experts: masters ``q * s`` (exact in float32; in bf16 ``q * s`` rounds, see the README) and the stored
     scales. Plain (float) experts: masters are the weights and scales are computed on ``grid``.
+
+    ``layers``: indices into the layer stack (the MoE layers, ``0 <= i < num_moe_layers``) whose experts become
+    fake-quant; the other layers stay INT4-packed (plain float experts are quantized on ``grid`` there) with no
+    float copy (:class:`~k25jax.train.fakequant.SubsetFakeQuantWeight`). ``None``: every layer.
     """
     if scales not in SCALE_MODES:
         raise QATError(f"--qat-scales {scales!r} is not one of {SCALE_MODES}")
@@ -95,11 +103,15 @@ def to_fake_quant(
     pattern = re.compile(experts)
     report = FakeQuantReport()
     for module, name, where, weight, axes in expert_weights(model):
-        if isinstance(weight, FakeQuantWeight):
+        if isinstance(weight, FakeQuantWeight | SubsetFakeQuantWeight):
             raise QATError(f"{where} is already a fake-quant weight")
         if not pattern.search(where):
             if isinstance(weight, Int4Weight):
                 report.kept_int4.append(where)
+            continue
+        if layers is not None:
+            setattr(module, name, _subset_fake_quant(weight, axes, where, layers, the_grid, scales, master_dtype))
+            report.converted.append(where)
             continue
         masters = float_value(weight, master_dtype)
         group = weight[...].scales if isinstance(weight, Int4Weight) else group_scales(masters, the_grid)
@@ -109,12 +121,39 @@ def to_fake_quant(
     return report
 
 
+def _subset_fake_quant(weight, axes, where, layers, grid, scales, master_dtype) -> SubsetFakeQuantWeight:
+    """``weight`` (INT4 or float, ``[L, E, K, N]``) fake-quant on ``layers`` of its stack, INT4 on the others."""
+    shape = tuple(weight.shape)
+    if len(shape) != 4:
+        raise QATError(f"--train-layers: {where} has no layer axis (shape {shape}); only stacked experts have layers")
+    try:
+        chosen, slot = layer_slots(shape[0], layers)
+    except ValueError as e:
+        raise QATError(f"--train-layers: {where}: {e}") from None
+    trained = jnp.asarray(chosen)
+    frozen = jnp.asarray([i for i in range(shape[0]) if i not in chosen], jnp.int32)
+    if isinstance(weight, Int4Weight):
+        value = weight[...]
+        masters = value[trained].dequantize(jnp.dtype(master_dtype))
+        group = value.scales[trained]
+        rest = value[frozen]
+    elif isinstance(weight, nnx.Param):
+        w = weight[...]
+        masters = w[trained].astype(master_dtype)
+        group = group_scales(masters, grid)
+        rest = quantize_int4(w[frozen], grid)
+    else:
+        raise QATError(f"--train-layers: {where} is a {type(weight).__name__}; expected INT4 or float experts")
+    value = SubsetFakeQuantArray(masters, group, rest.packed, rest.scales, slot, grid, scales, chosen)
+    return SubsetFakeQuantWeight(value, axes, what=where)
+
+
 def to_int4(model: nnx.Module) -> list[str]:
     """Replace, in place, every fake-quant weight by the INT4 weight it stands for (``q`` and the scales its forward
     uses), so the model is an INT4 model again (and exports as a release). Returns the converted paths."""
     done = []
     for module, name, where, weight, axes in expert_weights(model):
-        if isinstance(weight, FakeQuantWeight):
+        if isinstance(weight, FakeQuantWeight | SubsetFakeQuantWeight):
             setattr(module, name, Int4Weight(weight[...].to_int4(), axes, what=where))
             done.append(where)
     return done
@@ -141,7 +180,7 @@ def to_float_experts(model: nnx.Module, dtype="float32", *, experts: str = r".*"
     pattern = re.compile(experts)
     done = []
     for module, name, where, weight, axes in expert_weights(model):
-        if isinstance(weight, Int4Weight | FakeQuantWeight) and pattern.search(where):
+        if isinstance(weight, Int4Weight | FakeQuantWeight | SubsetFakeQuantWeight) and pattern.search(where):
             setattr(module, name, nnx.Param(float_value(weight, dtype), out_sharding=axes, eager_sharding=False))
             done.append(where)
     return done

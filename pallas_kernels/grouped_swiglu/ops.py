@@ -73,6 +73,9 @@ def cpu_strategy(rows: int, num_experts: int) -> str:
 
 
 def _layer_slice(weight, layer):
+    index_layer = getattr(weight, "index_layer", None)  # a weight type whose leaves do not all lead with the layer
+    if index_layer is not None:
+        return index_layer(layer)
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), weight)
 
 
