@@ -20,6 +20,7 @@ FLAGS = {
     "warmup": int,
     "seed": int,
     "trainable": str,
+    "train_layers": str,
     "lora_rank": int,
     "lora_alpha": float,
     "lora_experts": str,
@@ -119,6 +120,13 @@ def register_finetune(sub) -> None:
         default=None,
         help="train the chosen routed experts as float weights and quantize them on --qat-grid at export "
         "(post-training quantization: the baseline QAT is measured against)",
+    )
+    p.add_argument(
+        "--train-layers",
+        default=None,
+        metavar="A:B",
+        help="QAT the routed experts of MoE layers A <= i < B only; the other layers' experts stay INT4-packed "
+        "(default: every layer)",
     )
     p.add_argument("--qat-grid", choices=["kimi", "compressed-tensors"], default=None)
     p.add_argument("--qat-scales", choices=["dynamic", "frozen", "learned"], default=None)

@@ -89,6 +89,7 @@ class FinetuneConfig:
     optimizer_state_dtype: str = "float32"
     seed: int = 0
     trainable: str = r"^text/"
+    train_layers: str | None = None  # "A:B": only the experts of MoE layers A <= i < B train (QAT), the rest INT4
     lora_rank: int = 0  # > 0: LoRA of this per-expert rank on the INT4 routed experts, only the adapters train
     lora_alpha: float | None = None  # None: the rank (scale alpha / rank = 1)
     lora_experts: str = r".*"  # which routed-expert weights get adapters (regex over their paths)
@@ -227,6 +228,8 @@ def prepare(model, cfg: FinetuneConfig, mesh=None) -> Prepared:
     selects (``.../experts/gate_proj/a``); split the model. A pattern that trains nothing is an error. ``mesh``: the
     mesh ``model`` is placed on (the new adapters are placed by their logical axes too)."""
     lora = None
+    if cfg.lora_rank and cfg.train_layers:
+        raise QATError("--train-layers applies to QAT; with --lora-rank every layer's experts get adapters")
     if cfg.lora_rank:
         from k25jax.train.lora import apply_lora, lora_filter
 
@@ -265,12 +268,36 @@ def _fake_quant_chosen(model, cfg: FinetuneConfig) -> None:
         for name in Experts.WEIGHTS
         if regex.search(f"{module_path(path)}/{name}/master")
     ]
+    layers = train_layers(cfg.train_layers, model.cfg.text.num_moe_layers) if cfg.train_layers else None
+    if layers is not None and not cfg.qat:
+        raise QATError("--train-layers applies to QAT; --no-qat trains whole expert stacks as float weights")
+    if layers is not None and not chosen:
+        raise QATError(f"--train-layers {cfg.train_layers}: --trainable {cfg.trainable!r} selects no routed expert")
     if chosen:
         exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
         if not cfg.qat:  # the PTQ baseline: plain float experts (their dequantized values), quantized at export
             to_float_experts(model, cfg.master_dtype, experts=exact)
             return
-        to_fake_quant(model, experts=exact, grid=cfg.qat_grid, scales=cfg.qat_scales, master_dtype=cfg.master_dtype)
+        to_fake_quant(
+            model,
+            experts=exact,
+            grid=cfg.qat_grid,
+            scales=cfg.qat_scales,
+            master_dtype=cfg.master_dtype,
+            layers=layers,
+        )
+
+
+def train_layers(text, moe_layers: int) -> range:
+    """``"A:B"`` -> ``range(A, B)``, checked against the model's ``moe_layers`` (the error names
+    ``--train-layers``)."""
+    a, sep, b = str(text).partition(":")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+        raise QATError(f"--train-layers {text!r}: expected A:B (the experts of MoE layers A <= i < B train)")
+    a, b = int(a), int(b)
+    if not 0 <= a < b <= moe_layers:
+        raise QATError(f"--train-layers {text}: expected 0 <= A < B <= {moe_layers} (the model's MoE layers)")
+    return range(a, b)
 
 
 def update_router(router, load: jax.Array, rate: float):
@@ -367,6 +394,8 @@ def _fingerprint(cfg: FinetuneConfig) -> dict:
         keep += ["qat"]
     if cfg.lora_rank:
         keep += ["lora_rank", "lora_alpha", "lora_experts"]
+    if cfg.train_layers:
+        keep += ["train_layers"]
     if cfg.router_bias_update:
         keep += ["router_bias_update"]
     return {k: getattr(cfg, k) for k in keep}

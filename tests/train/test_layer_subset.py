@@ -2,6 +2,8 @@
 ``--train-layers``): the chosen layers fake-quant, the others INT4-packed with no float copy, bit for bit the model
 a whole-stack conversion gives on the chosen layers."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from k25jax.quant import Int4Weight
 from k25jax.train.fakequant import SubsetFakeQuantWeight, layer_slots
 from k25jax.train.qat import QATError, quantize_experts, to_fake_quant, to_int4, trainable_filter, trainable_paths
 from k25jax.train.step import OptimizerConfig, make_train_step, model_loss, split_model
+from k25jax.train.trainer import FinetuneConfig
 
 F32 = RunConfig(compute_dtype="float32")
 
@@ -40,7 +43,10 @@ def test_layer_slots():
             layer_slots(5, bad)
 
 
-@pytest.mark.parametrize("scales", ["dynamic", "frozen", "learned"])
+@pytest.mark.parametrize(
+    "scales",
+    ["dynamic", pytest.param("frozen", marks=pytest.mark.slow), pytest.param("learned", marks=pytest.mark.slow)],
+)
 def test_step0_bitwise_and_frozen_layers_stay_packed(scales):
     """At step 0 the layer-subset model computes the INT4 model's logits, loss and greedy tokens bit for bit; the
     frozen layer's experts are INT4 words only, the masters exist for the chosen layer only."""
@@ -131,3 +137,77 @@ def test_bad_layers_are_named():
     ]
     with pytest.raises(QATError, match="already a fake-quant weight"):
         to_fake_quant(model, layers=[1])
+
+
+def _tensors(release) -> dict:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for name in sorted(os.listdir(release)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(release, name)))
+    return out
+
+
+@pytest.mark.slow  # ~60 s: three short runs and an export; CI keeps the in-process checks above
+def test_finetune_train_layers_resumes_and_exports(tmp_path):
+    """``finetune(train_layers="1:2")`` on a kimi-grid release: the export's frozen-layer expert tensors are the
+    input's byte for byte, the trained layer's moved, its logits are the trained forward's; resume is bitwise."""
+    from test_finetune import _cfg, _losses, _write_samples
+
+    from convert.to_release import export_model
+    from k25jax.train.trainer import finetune, trained_model
+
+    model = _int4_model(seed=4)
+    source = export_model(model, tmp_path / "source", progress=False)
+    finetune(
+        FinetuneConfig(
+            model="tiny-random",
+            data=_write_samples(tmp_path / "t.jsonl", 4),
+            out=str(tmp_path / "tok"),
+            steps=0,
+            export=str(tmp_path / "tok_export"),
+        )
+    )
+    for name in ("tiktoken.model", "chat_template.jinja"):
+        os.link(tmp_path / "tok_export" / name, os.path.join(source, name))
+    train = _write_samples(tmp_path / "train.jsonl", 64)
+    kw = dict(model=str(source), train_layers="1:2", save_every=2)
+    whole = _cfg(tmp_path / "whole", train, steps=4, export=str(tmp_path / "export"), **kw)
+    summary = finetune(whole)
+    finetune(_cfg(tmp_path / "part", train, steps=2, **kw))
+    finetune(_cfg(tmp_path / "part", train, steps=4, resume=True, **kw))
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+
+    before, after = _tensors(source), _tensors(summary["export"])
+    assert sorted(before) == sorted(after)
+    frozen = [n for n in before if ".layers.1.mlp.experts." in n]  # MoE layer 0 (layer 0 of the tiny model is dense)
+    trained = [n for n in before if ".layers.2.mlp.experts." in n]
+    assert frozen and trained
+    assert all(np.array_equal(before[n], after[n]) for n in frozen)
+    assert any(not np.array_equal(before[n], after[n]) for n in trained)
+    ids = jax.random.randint(jax.random.key(0), (2, 24), 0, tiny().text.vocab_size)
+    want = np.asarray(trained_model(whole)(ids))
+    exported = k25jax.load_model(summary["export"], F32, progress=False)
+    assert np.array_equal(np.asarray(exported(ids)), want)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(train_layers="1:3"), r"--train-layers 1:3: expected 0 <= A < B <= 2"),
+        (dict(train_layers="x"), r"--train-layers 'x': expected A:B"),
+        (dict(train_layers="0:1", qat=False), "--train-layers applies to QAT"),
+        (dict(train_layers="0:1", lora_rank=2), "--train-layers applies to QAT"),
+        (dict(train_layers="0:1", trainable="attn"), "selects no routed expert"),
+    ],
+)
+def test_finetune_bad_train_layers_are_named(tmp_path, change, message):
+    from test_finetune import _cfg, _write_samples
+
+    from k25jax.train.trainer import finetune
+
+    out = tmp_path / "run"
+    with pytest.raises(QATError, match=message):
+        finetune(_cfg(out, _write_samples(tmp_path / "train.jsonl", 8), **change))
+    assert not out.exists() or not any(out.iterdir())
