@@ -129,7 +129,7 @@ def register_plan(sub) -> None:
         type=_layers,
         default=None,
         metavar="A:B",
-        help="only MoE layers A <= i < B have trainable experts (arithmetic: the code trains whole stacks today)",
+        help="only MoE layers A <= i < B have trainable experts, the others stay INT4 (k25jax finetune --train-layers)",
     )
     t.add_argument("--master-dtype", default="float32", choices=["float32", "bfloat16"], help="fake-quant masters")
     t.add_argument(

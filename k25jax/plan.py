@@ -10,9 +10,8 @@ Training for INT4 QAT (:class:`TrainSetup`, :func:`qat_state_bytes`): the abstra
 ``k25jax.train`` converts it (``to_fake_quant`` on the experts whose master path the trainable pattern matches,
 then ``trainable_filter``), and the AdamW state is ``optax``'s own ``init`` traced abstractly over the trainable
 part: masters, gradients, optimizer state, frozen INT4 experts and other parameters equal the real buffers exactly
-(``tests/test_plan_train.py``). ``TrainSetup.train_layers`` (experts of some MoE layers only) is arithmetic: the
-model stacks its MoE layers, so the real code converts and trains whole stacks; the planner counts the chosen
-layers' experts as masters and the others as packed INT4, exact per layer because the layer axis is never sharded.
+(``tests/test_plan_train.py``). ``TrainSetup.train_layers`` (experts of some MoE layers only) converts those layers
+as ``k25jax finetune --train-layers`` does (masters for the chosen layers, packed INT4 for the others).
 """
 
 from __future__ import annotations
@@ -328,12 +327,22 @@ def qat_model(cfg: K25Config, setup: TrainSetup, dtype=jnp.bfloat16, base=None):
     regex = re.compile(setup.trainable)
     base = base if base is not None else nnx.eval_shape(lambda: _build(cfg, dtype))
     chosen = [p for p in trained_expert_paths(base) if regex.search(p + "/master")]
+    if setup.train_layers is not None and setup.train_layers[0] == setup.train_layers[1]:
+        chosen = []  # no layer's experts train
 
     def build():
         model = _build(cfg, dtype)
         if chosen:
             exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
-            to_fake_quant(model, experts=exact, grid=setup.grid, scales=setup.scales, master_dtype=setup.master_dtype)
+            layers = range(*setup.train_layers) if setup.train_layers is not None else None
+            to_fake_quant(
+                model,
+                experts=exact,
+                grid=setup.grid,
+                scales=setup.scales,
+                master_dtype=setup.master_dtype,
+                layers=layers,
+            )
         return model
 
     return nnx.eval_shape(build), chosen
@@ -359,8 +368,7 @@ def qat_state_bytes(cfg: K25Config, mesh: AnyMesh, setup: TrainSetup, dtype=jnp.
     from k25jax.train.qat import trainable_filter
     from k25jax.train.step import OptimizerConfig
 
-    moe_layers = cfg.text.num_moe_layers
-    trained = setup.layers(moe_layers)
+    setup.layers(cfg.text.num_moe_layers)  # checks train_layers
     int4 = nnx.eval_shape(lambda: _build(cfg, dtype))
     model, chosen = qat_model(cfg, setup, dtype, base=int4)
     flt = trainable_filter(setup.trainable)
@@ -374,14 +382,10 @@ def qat_state_bytes(cfg: K25Config, mesh: AnyMesh, setup: TrainSetup, dtype=jnp.
 
     params: dict[str, int] = {}
     grads = 0
-    scale_of: dict[tuple, int] = {}  # trainable leaf path -> layers counted, for the optimizer state below
     for path, var in nnx.to_flat_state(nnx.state(model)):
         key = tuple(map(str, path))
         n = held(var, path)
         converted = "/".join(key[:-1]) in chosen
-        if converted:
-            n = _per_layers(n, moe_layers, trained)
-            scale_of[key] = trained
         is_trainable = key in trainable_keys
         if converted and key[-1] == "master":
             cat = MASTERS if is_trainable else FROZEN_MASTERS
@@ -394,25 +398,16 @@ def qat_state_bytes(cfg: K25Config, mesh: AnyMesh, setup: TrainSetup, dtype=jnp.
         params[cat] = params.get(cat, 0) + n
         if is_trainable:
             grads += n
-    if chosen and trained < moe_layers:  # the converted weights' layers left packed
-        int4_shardings = dict(nnx.to_flat_state(state_shardings(int4, mesh, "train")))
-        for path, var in nnx.to_flat_state(nnx.state(int4)):
-            if "/".join(map(str, path[:-1])) in chosen:
-                n = shard_bytes(tuple(var.shape), var.dtype, int4_shardings[path].get_value().spec, mesh)
-                params[INT4_FROZEN] = params.get(INT4_FROZEN, 0) + _per_layers(n, moe_layers, moe_layers - trained)
     tx = OptimizerConfig(state_dtype=setup.state_dtype, accumulate=setup.accumulate).build()
     opt = jax.eval_shape(tx.init, trainable)
     specs = {}
     for path, sharding in jax.tree_util.tree_flatten_with_path(state_shardings(trainable, mesh, "train"))[0]:
-        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        specs[tuple(path)] = (sharding.spec, scale_of.get(names[:-1], moe_layers))
+        specs[tuple(path)] = sharding.spec
     optimizer = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt)[0]:
         for i in range(len(path)):
             if tuple(path[i:]) in specs:  # a moment of a parameter: placed like it
-                spec, layers = specs[tuple(path[i:])]
-                n = shard_bytes(tuple(leaf.shape), leaf.dtype, spec, mesh)
-                optimizer += n if layers == moe_layers else _per_layers(n, moe_layers, layers)
+                optimizer += shard_bytes(tuple(leaf.shape), leaf.dtype, specs[tuple(path[i:])], mesh)
                 break
         else:  # step counters: replicated
             optimizer += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
@@ -786,11 +781,6 @@ def _qat_plan(cfg, mesh, amesh, batch, context, device: Device, dtype, setup: Tr
         "activations: estimate (qat_activation_bytes); the MoE row buffer is dropless (tokens x min(k, local "
         "experts) rows): a batch split over the expert axis gathers the expert group's tokens and multiplies it",
     ]
-    if setup.train_layers is not None:
-        p.notes.append(
-            "--train-layers is arithmetic: the model stacks its MoE layers and k25jax.train converts and trains whole "
-            "stacks today (the chosen layers' experts counted as masters, the others as packed INT4)"
-        )
     return p
 
 

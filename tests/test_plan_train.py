@@ -52,7 +52,8 @@ def real_qat_bytes(cfg, sizes: dict, setup: TrainSetup, dtype: str) -> dict[str,
     chosen = [p for p in trained_expert_paths(model) if regex.search(p + "/master")]
     if chosen:
         exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
-        to_fake_quant(model, experts=exact, scales=setup.scales, master_dtype=setup.master_dtype)
+        layers = range(*setup.train_layers) if setup.train_layers else None
+        to_fake_quant(model, experts=exact, scales=setup.scales, master_dtype=setup.master_dtype, layers=layers)
     model = shard_model(model, make_mesh(**sizes), "train")
     _, trainable, frozen = split_model(model, trainable_filter(setup.trainable))
     tx = OptimizerConfig(state_dtype=setup.state_dtype, accumulate=setup.accumulate).build()
@@ -63,9 +64,12 @@ def real_qat_bytes(cfg, sizes: dict, setup: TrainSetup, dtype: str) -> dict[str,
             name = "/".join(map(str, path))
             if name.endswith("/master"):
                 groups[MASTERS].append(var.get_value())
+            elif name.endswith("/master_scales"):  # a layer-subset weight: its packed / scales are frozen layers'
+                groups[FQ_SCALES].append(var.get_value())
             elif name.endswith(("/packed", "/scales")) and "/experts/" in name:
                 weight = name.rsplit("/", 1)[0]
-                groups[FQ_SCALES if weight in chosen else INT4_FROZEN].append(var.get_value())
+                subset = setup.train_layers is not None
+                groups[FQ_SCALES if weight in chosen and not subset else INT4_FROZEN].append(var.get_value())
             else:
                 groups[OTHER_TRAINABLE if is_trainable else OTHER_FROZEN].append(var.get_value())
     out = {k: held(v) for k, v in groups.items() if v}
@@ -84,6 +88,8 @@ SETUPS = [
     ),
     (dict(data=2, fsdp=2, expert=2), TrainSetup(trainable=r"experts/(gate|up)_proj|attn/q_", accumulate=2), "bfloat16"),
     (dict(fsdp=2, tensor=4), TrainSetup(trainable=r"^text/", scales="learned"), "float32"),
+    (dict(fsdp=2, expert=2, tensor=2), TrainSetup(train_layers=(1, 2)), "float32"),
+    (dict(fsdp=2, expert=4), TrainSetup(trainable="experts", train_layers=(0, 1), scales="learned"), "bfloat16"),
 ]
 
 
@@ -110,10 +116,9 @@ def test_planner_equals_real_qat_buffers(sizes, setup, dtype):
     assert params[MASTERS] > 0
 
 
-def test_train_layers_arithmetic():
-    """``--train-layers`` counts the chosen MoE layers' experts as masters and the others as packed INT4, exactly
-    per layer: half of the 2 MoE layers gives half the masters (and their gradients and moments) plus half the INT4
-    bytes of a run that trains no experts."""
+def test_train_layers_halves():
+    """``--train-layers`` (real buffers above): half of the 2 MoE layers gives half the masters (and their gradients
+    and moments) plus half the INT4 bytes of a run that trains no experts."""
     cfg, mesh = variant(), abstract_mesh(fsdp=2, expert=2, tensor=2)
     full_p, full_g, full_o = qat_state_bytes(cfg, mesh, TrainSetup(), jnp.float32)
     half_p, half_g, half_o = qat_state_bytes(cfg, mesh, TrainSetup(train_layers=(1, 2)), jnp.float32)

@@ -41,13 +41,13 @@ def _batches(vocab: int, count: int, batch: int = 8, length: int = 16):
     return out
 
 
-def _run(mesh):
+def _run(mesh, layers=None):
     # Expert width 64 (two INT4 groups) so the tensor axis can split the experts' SwiGLU width.
     model = k25jax.build_model(
         text_variant(tiny(), moe_intermediate_size=64), RunConfig(compute_dtype="float32"), seed=2
     )
     quantize_experts(model, "kimi")
-    to_fake_quant(model, grid="kimi", scales="dynamic")
+    to_fake_quant(model, grid="kimi", scales="dynamic", layers=layers)
     if mesh is not None:
         model = shard_model(model, mesh, "train")
     graphdef, trainable, frozen = split_model(model, trainable_filter(r"^text/"))
@@ -70,11 +70,12 @@ def _run(mesh):
     return np.asarray(losses), trainable
 
 
-@pytest.mark.slow  # ~40 s; CI keeps the sharded router-load check of the training loss
-def test_sharded_qat_matches_single_device():
+@pytest.mark.slow  # ~40 s each; CI keeps the sharded router-load check of the training loss
+@pytest.mark.parametrize("layers", [None, [1]], ids=["all-layers", "train-layers-1"])
+def test_sharded_qat_matches_single_device(layers):
     mesh = make_mesh(fsdp=2, expert=2, tensor=2)
-    want, _ = _run(None)
-    got, trainable = _run(mesh)
+    want, _ = _run(None, layers)
+    got, trainable = _run(mesh, layers)
     master = trainable["text"]["moe_layers"]["mlp"]["experts"]["gate_proj"]["master"].get_value()
     assert "expert" in str(master.sharding.spec)  # the fake-quant masters are split over the expert axis
     assert want[-1] < want[0] - 0.3  # it trains
