@@ -43,7 +43,14 @@ from k25jax.config import RunConfig  # noqa: E402
 from k25jax.tokenizer import Tokenizer  # noqa: E402
 from k25jax.train import data as train_data  # noqa: E402
 from k25jax.train import lora  # noqa: E402
-from k25jax.train.qat import quantize_experts, to_fake_quant, to_float_experts, to_int4, trainable_filter  # noqa: E402
+from k25jax.train.qat import (  # noqa: E402
+    expert_weights,
+    quantize_experts,
+    to_fake_quant,
+    to_float_experts,
+    to_int4,
+    trainable_filter,
+)
 from k25jax.train.step import (  # noqa: E402
     OptimizerConfig,
     make_train_step,
@@ -87,6 +94,21 @@ def train(model, train_path, tokenizer, args, seed, *, trainable: str, lr: float
     return nnx.merge(graphdef, storage_rounded(params, "bfloat16"), frozen), loss
 
 
+def add_outlier_channels(model, factor: float, seed: int) -> None:
+    """Scale one input row per INT4 group (32 rows along K) of every routed-expert weight by ``factor``, at a seeded
+    random position in the group, before any training: trained LLM weight matrices carry such outlier input
+    channels, and they are what makes round-to-nearest INT4 costly (the group's scale follows its largest value, so
+    the other 31 round on a grid ``factor`` times coarser). The tiny models here do not grow them in a few hundred
+    steps."""
+    rng = np.random.default_rng(1_000 + seed)
+    for _, _, _, weight, _ in expert_weights(model):
+        value = weight[...]
+        k = value.shape[-2]
+        gain = np.ones(k, np.float32)
+        gain[np.arange(0, k, 32) + rng.integers(0, 32, k // 32)] = factor
+        weight[...] = value * jax.numpy.asarray(gain)[:, None]
+
+
 def model_config(args):
     """The tiny preset, with the MoE made the model's only MLP when asked (no dense first layer, no shared
     expert), so that what is learnt lives in the INT4 experts."""
@@ -114,6 +136,8 @@ def run_seed(seed: int, args, workdir: str) -> dict:
     t0 = time.perf_counter()
     base = k25jax.build_model(model_config(args), RunConfig(compute_dtype="float32"), seed=seed)
     to_float_experts(base)
+    if args.outliers != 1:
+        add_outlier_channels(base, args.outliers, seed)
     if args.base_steps:  # the shared start: a float model trained on the base task (QAT as the last phase)
         base, _ = train(
             base, base_path, tokenizer, args, seed, trainable=r"^text/", lr=args.base_lr, steps=args.base_steps
@@ -170,6 +194,13 @@ def main() -> None:
     ap.add_argument("--scales", default="learned", choices=["dynamic", "frozen", "learned"], help="QAT scale mode")
     ap.add_argument("--base-steps", type=int, default=300, help="pre-training steps of the base (0: random init)")
     ap.add_argument("--base-lr", type=float, default=3e-3)
+    ap.add_argument(
+        "--outliers",
+        type=float,
+        default=1.0,
+        help="scale one input row per INT4 group of the experts by this before training (1: none); see "
+        "add_outlier_channels",
+    )
     ap.add_argument("--shared-experts", type=int, default=0, help="shared experts (the tiny preset has 1)")
     ap.add_argument("--dense-layers", type=int, default=0, help="dense MLP layers before the MoE ones (tiny: 1)")
     ap.add_argument("--expert-width", type=int, default=64, help="routed-expert intermediate size (tiny: 32)")

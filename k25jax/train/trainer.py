@@ -89,7 +89,7 @@ class FinetuneConfig:
     optimizer_state_dtype: str = "float32"
     seed: int = 0
     trainable: str = r"^text/"
-    train_layers: str | None = None  # "A:B": only the experts of MoE layers A <= i < B train (QAT), the rest INT4
+    train_layers: str | list | None = None  # "A:B" / [A, B]: only MoE layers A <= i < B's experts train (QAT)
     lora_rank: int = 0  # > 0: LoRA of this per-expert rank on the INT4 routed experts, only the adapters train
     lora_alpha: float | None = None  # None: the rank (scale alpha / rank = 1)
     lora_experts: str = r".*"  # which routed-expert weights get adapters (regex over their paths)
@@ -289,8 +289,12 @@ def _fake_quant_chosen(model, cfg: FinetuneConfig) -> None:
 
 
 def train_layers(text, moe_layers: int) -> range:
-    """``"A:B"`` -> ``range(A, B)``, checked against the model's ``moe_layers`` (the error names
-    ``--train-layers``)."""
+    """``"A:B"`` (or ``[A, B]`` in a YAML config) -> ``range(A, B)``, checked against the model's ``moe_layers``
+    (the error names ``--train-layers``)."""
+    if isinstance(text, int):  # YAML 1.1 reads an unquoted 1:20 as the base-60 number 80
+        raise QATError(f'train_layers: {text} is a number; write the range quoted ("A:B") or as a list [A, B]')
+    if isinstance(text, list | tuple) and len(text) == 2:
+        text = f"{text[0]}:{text[1]}"
     a, sep, b = str(text).partition(":")
     if not sep or not a.strip().isdigit() or not b.strip().isdigit():
         raise QATError(f"--train-layers {text!r}: expected A:B (the experts of MoE layers A <= i < B train)")

@@ -48,18 +48,19 @@ def test_layer_slots():
     ["dynamic", pytest.param("frozen", marks=pytest.mark.slow), pytest.param("learned", marks=pytest.mark.slow)],
 )
 def test_step0_bitwise_and_frozen_layers_stay_packed(scales):
-    """At step 0 the layer-subset model computes the INT4 model's logits, loss and greedy tokens bit for bit; the
+    """At step 0 the layer-subset model computes the INT4 model's logits and loss (and greedy tokens) bit for bit; the
     frozen layer's experts are INT4 words only, the masters exist for the chosen layer only."""
     model = _int4_model()
     batch = _batch(model.cfg.text.vocab_size, batch=4, length=32)
     want_logits, want_loss = _forward_and_loss(model, batch)
-    want_tokens = k25jax.generate(model, [[1, 2, 3, 4]], max_new_tokens=6, temperature=0)
     subset = _copy(model)
     report = to_fake_quant(subset, grid="kimi", scales=scales, layers=[1])
     assert len(report.converted) == 3
     got_logits, got_loss = _forward_and_loss(subset, batch)
     assert np.array_equal(got_logits, want_logits) and got_loss == want_loss
-    assert k25jax.generate(subset, [[1, 2, 3, 4]], max_new_tokens=6, temperature=0) == want_tokens  # cached decode
+    if scales == "frozen":  # the cached decode path (slow: two generate compiles)
+        want_tokens = k25jax.generate(model, [[1, 2, 3, 4]], max_new_tokens=6, temperature=0)
+        assert k25jax.generate(subset, [[1, 2, 3, 4]], max_new_tokens=6, temperature=0) == want_tokens
 
     graphdef, trainable, frozen = split_model(subset, trainable_filter(r"^text/"))
     experts = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(trainable) if "experts" in p}
@@ -100,12 +101,12 @@ def test_training_moves_only_the_chosen_layer_and_exports_bitwise():
     batch = _batch(model.cfg.text.vocab_size, batch=4, length=32)
     to_fake_quant(model, grid="kimi", scales="dynamic", layers=[0])
     graphdef, trainable, frozen = split_model(model, trainable_filter(r"^text/"))
-    config = OptimizerConfig(lr=1e-2, steps=6)
+    config = OptimizerConfig(lr=1e-2, steps=4)
     tx = config.build()
     opt_state = tx.init(trainable)
     step = make_train_step(graphdef, tx, config.schedule())
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 0.3
@@ -211,3 +212,11 @@ def test_finetune_bad_train_layers_are_named(tmp_path, change, message):
     with pytest.raises(QATError, match=message):
         finetune(_cfg(out, _write_samples(tmp_path / "train.jsonl", 8), **change))
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_train_layers_parsing():
+    from k25jax.train.trainer import train_layers
+
+    assert train_layers("1:3", 4) == range(1, 3) and train_layers([0, 2], 4) == range(0, 2)
+    with pytest.raises(QATError, match="base-60|quoted"):
+        train_layers(62, 4)  # what YAML makes of an unquoted 1:2
