@@ -220,3 +220,15 @@ def test_train_layers_parsing():
     assert train_layers("1:3", 4) == range(1, 3) and train_layers([0, 2], 4) == range(0, 2)
     with pytest.raises(QATError, match="base-60|quoted"):
         train_layers(62, 4)  # what YAML makes of an unquoted 1:2
+
+
+def test_cli_names_a_bad_train_layers_range(tmp_path, capsys):
+    from test_finetune import _write_samples
+
+    from k25jax.cli import main
+
+    data = _write_samples(tmp_path / "train.jsonl", 8)
+    argv = ["finetune", "--model", "tiny-random", "--data", data, "--out", str(tmp_path / "run"), "--train-layers"]
+    assert main([*argv, "0:5"]) == 2
+    assert "--train-layers 0:5: expected 0 <= A < B <= 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
