@@ -95,7 +95,8 @@ def to_fake_quant(
 
     ``layers``: indices into the layer stack (the MoE layers, ``0 <= i < num_moe_layers``) whose experts become
     fake-quant; the other layers stay INT4-packed (plain float experts are quantized on ``grid`` there) with no
-    float copy (:class:`~k25jax.train.fakequant.SubsetFakeQuantWeight`). ``None``: every layer.
+    float copy (:class:`~k25jax.train.fakequant.SubsetFakeQuantWeight`). ``None`` (or every layer): the whole
+    stack as one :class:`~k25jax.train.fakequant.FakeQuantWeight`.
     """
     if scales not in SCALE_MODES:
         raise QATError(f"--qat-scales {scales!r} is not one of {SCALE_MODES}")
@@ -109,7 +110,7 @@ def to_fake_quant(
             if isinstance(weight, Int4Weight):
                 report.kept_int4.append(where)
             continue
-        if layers is not None:
+        if layers is not None and not _every_layer(weight, layers):
             setattr(module, name, _subset_fake_quant(weight, axes, where, layers, the_grid, scales, master_dtype))
             report.converted.append(where)
             continue
@@ -119,6 +120,12 @@ def to_fake_quant(
         setattr(module, name, FakeQuantWeight(fake, axes, what=where))
         report.converted.append(where)
     return report
+
+
+def _every_layer(weight, layers) -> bool:
+    """Whether ``layers`` names every layer of ``weight``'s stack (then the whole-stack conversion is the same)."""
+    shape = tuple(weight.shape)
+    return len(shape) == 4 and sorted({int(i) for i in layers}) == list(range(shape[0]))
 
 
 def _subset_fake_quant(weight, axes, where, layers, grid, scales, master_dtype) -> SubsetFakeQuantWeight:

@@ -138,6 +138,9 @@ def test_bad_layers_are_named():
     ]
     with pytest.raises(QATError, match="already a fake-quant weight"):
         to_fake_quant(model, layers=[1])
+    every = _int4_model()
+    to_fake_quant(every, layers=[1, 0])  # every layer: the whole-stack weight type
+    assert type(every.text.moe_layers.mlp.experts.gate_proj).__name__ == "FakeQuantWeight"
 
 
 def _tensors(release) -> dict:
