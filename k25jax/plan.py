@@ -267,7 +267,8 @@ class TrainSetup:
       trainable: the ``trainable_filter`` pattern (regex searched in ``"text/moe_layers/attn/q_a_proj"``-style
         paths); routed experts whose ``.../master`` path it matches become fake-quant (as the trainer decides).
       train_layers: ``(a, b)``: only MoE layers ``a <= i < b`` (of ``num_moe_layers``) have trainable experts, the
-        others keep packed INT4 experts. Arithmetic only: the real code trains whole stacks (``None``: all layers).
+        others keep packed INT4 experts, converted as ``k25jax finetune --train-layers A:B`` converts them (``None``:
+        all layers).
       master_dtype: the fake-quant masters' dtype (``to_fake_quant(master_dtype=)``).
       state_dtype: AdamW's first moment ``m`` (``OptimizerConfig.state_dtype``); the second moment ``v`` has each
         parameter's own dtype (optax's ``scale_by_adam``).
