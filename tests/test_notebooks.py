@@ -3,7 +3,8 @@
 Each notebook runs in a fresh ipykernel process started from this interpreter (a kernelspec written into a
 temporary directory with ipykernel's own API, so a fresh clone needs no ``jupyter kernelspec install``). The kernel
 gets this process's environment without the ``XLA_FLAGS`` and the compilation cache that ``conftest.py`` sets: a
-notebook sees what a user's kernel sees (one CPU device, every program compiled cold), and ``03_sharded_inference.ipynb`` asks for its 8 devices itself.
+notebook sees what a user's kernel sees (one CPU device, every program compiled cold), and
+``03_sharded_inference.ipynb`` asks for its 8 devices itself.
 """
 
 import glob
