@@ -51,13 +51,17 @@ def check_operands(what: str, packed: jax.Array, scales: jax.Array, k: int | Non
     return kk, n
 
 
-def unpack_device(packed: jax.Array) -> jax.Array:
-    """``int32 [..., K/8, N]`` -> ``int8 [..., K, N]`` values in [-8, 7]."""
+def _nibbles(packed: jax.Array) -> jax.Array:
+    """``int32 [..., K/8, N]`` -> ``int32 [..., K/8, 8, N]``: nibble ``j`` of word ``r`` at ``[r, j]``, in [-8, 7]."""
     shifts = jnp.arange(PACK, dtype=jnp.int32) * NIBBLE_BITS
     # Move nibble j to the top of the word, then an arithmetic right shift sign-extends it.
     up = jnp.left_shift(packed[..., :, None, :], (28 - shifts)[:, None])
-    q = jnp.right_shift(up, 28)  # arithmetic on int32
-    return q.reshape(logical_shape(packed.shape)).astype(jnp.int8)
+    return jnp.right_shift(up, 28)  # arithmetic on int32
+
+
+def unpack_device(packed: jax.Array) -> jax.Array:
+    """``int32 [..., K/8, N]`` -> ``int8 [..., K, N]`` values in [-8, 7]."""
+    return _nibbles(packed).reshape(logical_shape(packed.shape)).astype(jnp.int8)
 
 
 def pack_device(values: jax.Array) -> jax.Array:
@@ -75,11 +79,13 @@ def pack_device(values: jax.Array) -> jax.Array:
 
 
 def dequantize_device(packed: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """The weight ``W [..., K, N]`` in ``dtype``, computed as ``q * scale`` in float32 (exact), then cast."""
-    q = unpack_device(packed).astype(jnp.float32)
-    *lead, k, n = q.shape
-    w = q.reshape(*lead, k // GROUP, GROUP, n) * scales.astype(jnp.float32)
-    return w.reshape(*lead, k, n).astype(dtype)
+    """The weight ``W [..., K, N]`` in ``dtype``, computed as ``q * scale`` in float32 (exact), then cast.
+
+    The nibbles go from int32 straight to float32: through :func:`unpack_device`'s int8 the XLA:CPU loop took 2.5x
+    as long (12.9 against 5.2 us for a 256 x 128 expert matrix and its 4-row matmul, in a scan over experts)."""
+    *lead, k8, n = packed.shape
+    q = _nibbles(packed).astype(jnp.float32).reshape(*lead, k8 * PACK // GROUP, GROUP, n)
+    return (q * scales.astype(jnp.float32)).reshape(*lead, k8 * PACK, n).astype(dtype)
 
 
 def quantize_device(w: jax.Array, scale_dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
