@@ -113,15 +113,14 @@ def write(stack_cache: jax.Array, layer: jax.Array | int, starts: jax.Array, val
     ``stack_cache`` is ``[L, B, S, C + R]``. Writes past slot ``S - 1`` are dropped (never clamped onto valid
     slots); callers keep real tokens inside the cache.
     """
-    T = values.shape[1]
-
-    # One write per batch row (vmapped): on a mesh the rows, split like the cache's batch dim, are written where
-    # they live, with no gather of the new latents.
-    def row(rows_cache, start, new):  # [L, S, C + R], [], [T, C + R]
-        slots = start + jnp.arange(T, dtype=start.dtype)
-        return rows_cache.at[layer, slots].set(new.astype(rows_cache.dtype), mode="drop")
-
-    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(stack_cache, starts, values)
+    B, T = values.shape[:2]
+    # One scatter at (layer, row, slot) indices, no batching dims: a vmapped per-row write lowers to a scatter with
+    # batching dims, which XLA:CPU runs on a row-major transposed copy of the whole stack and copies back (two
+    # copies of every layer's cache per layer per decode step). The row index is an iota, which the SPMD
+    # partitioner reads as a parallel dim, so on a mesh each shard still writes its own rows.
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+    slots = starts.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return stack_cache.at[layer, rows, slots].set(values.astype(stack_cache.dtype), mode="drop")
 
 
 def slot_mask(positions: jax.Array, max_len: int) -> jax.Array:
