@@ -82,7 +82,8 @@ def dequantize_device(packed: jax.Array, scales: jax.Array, dtype=jnp.float32) -
     """The weight ``W [..., K, N]`` in ``dtype``, computed as ``q * scale`` in float32 (exact), then cast.
 
     The nibbles go from int32 straight to float32: through :func:`unpack_device`'s int8 the XLA:CPU loop took 2.5x
-    as long (12.9 against 5.2 us for a 256 x 128 expert matrix and its 4-row matmul, in a scan over experts)."""
+    as long (12.9 against 5.2 us for a 256 x 128 expert matrix and its 4-row matmul, in a scan over experts; a
+    one-off A/B in one process, not a repo benchmark: ``benchmarks/moe_cpu_bench.py`` times whole layers)."""
     *lead, k8, n = packed.shape
     q = _nibbles(packed).astype(jnp.float32).reshape(*lead, k8 * PACK // GROUP, GROUP, n)
     return (q * scales.astype(jnp.float32)).reshape(*lead, k8 * PACK, n).astype(dtype)
