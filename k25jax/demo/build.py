@@ -13,9 +13,13 @@ checkpoint):
    format with that tokenizer and the chat template: the start of fine-tuning, loaded by the release loader.
 4. **train**: ``k25jax finetune`` with ``configs/qat/demo.yaml``: INT4 QAT of the routed experts on the ``kimi``
    grid from the first step, everything else trained as the release stores it (bf16-rounded in the forward).
-5. **export**: the trained model in the released format (compressed-tensors INT4 experts), copied to ``--out``
-   (default ``k25jax/assets/demo``, what ``--model tiny`` loads).
-6. **evaluate**: held-out accuracy (:mod:`k25jax.demo.evaluate`) to ``eval.json``, and the loss curve to
+5. **export**: the trained model in the released format (compressed-tensors INT4 experts).
+6. **polish**: a second ``k25jax finetune`` (``configs/qat/demo_polish.yaml``) that starts from that export, as a
+   user fine-tunes a release, on fresh samples (seed 2) weighted towards what the first run leaves weakest:
+   instant-mode arithmetic and comparison, images and video (:data:`POLISH_MIX`, :data:`POLISH_INSTANT`), the
+   other tasks kept as rehearsal. Its export is copied to ``--out`` (default ``k25jax/assets/demo``, what
+   ``--model tiny`` loads). ``--no-polish`` ships the first export instead.
+7. **evaluate**: held-out accuracy (:mod:`k25jax.demo.evaluate`) to ``eval.json``, and the loss curve to
    ``loss.png``.
 """
 
@@ -39,6 +43,19 @@ VOCAB = NUM_RANKS + 256
 TOKENIZER_SAMPLES = 600  # training samples whose text the BPE is trained on (the text is very repetitive)
 DEFAULT_WORK = os.path.join("runs", "demo")
 DEFAULT_CONFIG = os.path.join("configs", "qat", "demo.yaml")
+POLISH_CONFIG = os.path.join("configs", "qat", "demo_polish.yaml")
+POLISH_SEED = 2  # the polish samples' seed (training used 0, the held-out split is 1)
+# The polish stage's task weights and instant-mode share: more of what the first run leaves weakest.
+POLISH_MIX: dict[str, float] = {
+    "add": 0.17,
+    "sub": 0.13,
+    "compare": 0.14,
+    "tool_call": 0.10,
+    "no_tool": 0.03,
+    "image": 0.20,
+    "video": 0.23,
+}
+POLISH_INSTANT = 0.65
 
 
 def demo_config() -> K25Config:
@@ -148,6 +165,27 @@ def make_init(work: str, train_path: str, seed: int) -> str:
     return out
 
 
+def make_polish_data(work: str, n: int, text_only: bool) -> str:
+    """``polish.jsonl`` under ``work``: ``n`` samples of :data:`POLISH_MIX` (seed :data:`POLISH_SEED`)."""
+    path = os.path.join(work, "polish.jsonl")
+    if not _done(path):
+        mix = {t: w for t, w in POLISH_MIX.items() if not (text_only and t in ("image", "video"))}
+        tasks.write_jsonl(tasks.generate(n, POLISH_SEED, mix=mix, instant=POLISH_INSTANT), path)
+    return path
+
+
+def run_stage(cfg, export: str, timings: dict, name: str, t0: float) -> None:
+    """``finetune(cfg)`` unless ``export`` is already written; its wall time goes to ``timings[name + "_s"]``."""
+    from k25jax.train.trainer import finetune
+
+    if _done(os.path.join(export, "config.json")):
+        return
+    t1 = time.time()
+    summary = finetune(cfg)
+    timings[name + "_s"] = round(time.time() - t1, 1)
+    print(f"{name}: {json.dumps(summary.get('last', {}))[:300]} ({time.time() - t0:.0f} s)", flush=True)
+
+
 def ship(export: str, out: str) -> str:
     """Copy the exported release to ``out`` (through ``out.partial``, so a crash leaves no half copy)."""
     partial = out.rstrip("/") + ".partial"
@@ -158,19 +196,32 @@ def ship(export: str, out: str) -> str:
     return out
 
 
-def plot_loss(metrics_path: str, png: str) -> None:
-    """The training loss (and held-out loss where measured) per step, log scale."""
+def plot_loss(metrics_paths: list[str], png: str) -> None:
+    """The training loss (and held-out loss where measured) per step, log scale; the runs one after another (the
+    polish run's steps continue the first run's, a dotted line marks where it starts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8")]
+    rows, offset, starts = [], 0, []
+    for path in metrics_paths:
+        if not os.path.exists(path):  # a stage whose export was given rather than trained here
+            print(f"loss plot: {path} is missing, that run is left out", flush=True)
+            continue
+        run = [json.loads(line) for line in open(path, encoding="utf-8")]
+        if rows:
+            starts.append(offset)
+        rows += [{**r, "step": r["step"] + offset} for r in run]
+        offset = rows[-1]["step"] if rows else 0
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label="train loss")
     ev = [r for r in rows if "eval_loss" in r]
     if ev:
-        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", ms=3, label="held-out loss")
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o", ms=3, label="held-out loss")
+    for x in starts:
+        ax.axvline(x, color="gray", ls=":", lw=1)
+        ax.text(x, ax.get_ylim()[1], " polish", va="top", fontsize=8, color="gray")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (assistant tokens)")
@@ -194,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the initial weights' seed")
     p.add_argument("--text-only", action="store_true", help="leave out the image and video tasks")
     p.add_argument("--eval-samples", type=int, default=200)
+    p.add_argument("--polish-config", default=POLISH_CONFIG, help="the polish stage's fine-tuning settings")
+    p.add_argument("--polish-samples", type=int, default=40000)
+    p.add_argument("--polish-steps", type=int, default=None, help="override the polish config's steps")
+    p.add_argument("--no-polish", action="store_true", help="ship the first run's export (no polish stage)")
     p.add_argument(
         "--no-qat",
         action="store_true",
@@ -201,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-ship", action="store_true", help="leave the package's demo release as it is")
     args = p.parse_args(argv)
-    from k25jax.train.trainer import FinetuneConfig, finetune
+    from k25jax.train.trainer import FinetuneConfig
 
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
@@ -224,16 +279,30 @@ def main(argv: list[str] | None = None) -> int:
         resume=os.path.isdir(os.path.join(run, "checkpoints")),
     )
     timings = {}
-    if not _done(os.path.join(export, "config.json")):
-        t1 = time.time()
-        summary = finetune(cfg)
-        timings["train_s"] = round(time.time() - t1, 1)
-        print(f"train: {json.dumps(summary.get('last', {}))[:300]} ({time.time() - t0:.0f} s)", flush=True)
+    run_stage(cfg, export, timings, "train", t0)
+    runs = [run]
+    if not args.no_polish:
+        polish_path = make_polish_data(args.work, args.polish_samples, args.text_only)
+        polish_run, polish_export = os.path.join(args.work, "polish"), os.path.join(args.work, "polish_export")
+        polish_cfg = FinetuneConfig.from_yaml(
+            args.polish_config,
+            model=export,
+            data=polish_path,
+            eval_data=held_out_path,
+            out=polish_run,
+            export=polish_export,
+            steps=args.polish_steps,
+            qat=not args.no_qat,
+            resume=os.path.isdir(os.path.join(polish_run, "checkpoints")),
+        )
+        run_stage(polish_cfg, polish_export, timings, "polish", t0)
+        runs.append(polish_run)
+        export = polish_export
     out = export
     if not (args.no_ship or args.no_qat):
         out = ship(export, args.out or demo_dir())
         print(f"shipped: {out} ({time.time() - t0:.0f} s)", flush=True)
-    plot_loss(os.path.join(run, "metrics.jsonl"), os.path.join(args.work, "loss.png"))
+    plot_loss([os.path.join(r, "metrics.jsonl") for r in runs], os.path.join(args.work, "loss.png"))
     from k25jax.demo import evaluate
 
     evaluate.main(

@@ -51,7 +51,7 @@ DEFAULT_MIX: dict[str, float] = {
     "image": 0.08,
     "video": 0.06,
 }
-# DEFAULT_MIX without the media tasks (k25jax.train.data refuses image and video parts in training samples).
+# DEFAULT_MIX without the media tasks (a text-only build or evaluation: `--text-only`).
 TEXT_MIX: dict[str, float] = {t: w for t, w in DEFAULT_MIX.items() if t not in ("image", "video")}
 MODES = ("thinking", "instant")
 SYSTEM_PROMPTS = (
@@ -533,13 +533,15 @@ _BUILDERS = {
 }
 
 
-def sample(rng: np.random.Generator, task: str, *, mode: str | None = None, image_size: int = 56) -> dict:
+def sample(
+    rng: np.random.Generator, task: str, *, mode: str | None = None, image_size: int = 56, instant: float = 0.5
+) -> dict:
     """One sample of ``task`` drawn from ``rng``.
 
-    A system message (from :data:`SYSTEM_PROMPTS`) comes first half the time. ``mode`` None draws thinking or
-    instant with equal odds; a given mode is used instead of the drawn one (the draw still happens, so the same
-    generator state gives the same conversation in both modes, with and without reasoning). ``image_size`` is
-    the side of image and video frames in pixels.
+    A system message (from :data:`SYSTEM_PROMPTS`) comes first half the time. ``mode`` None draws the mode,
+    instant with probability ``instant``; a given mode is used instead of the drawn one (the draw still happens,
+    so the same generator state gives the same conversation in both modes, with and without reasoning).
+    ``image_size`` is the side of image and video frames in pixels.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
@@ -547,9 +549,11 @@ def sample(rng: np.random.Generator, task: str, *, mode: str | None = None, imag
         raise ValueError(f"mode must be 'thinking', 'instant' or None, got {mode!r}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
+    if not 0.0 <= instant <= 1.0:
+        raise ValueError(f"instant must be a probability in [0, 1], got {instant}")
     system = _chance(rng, 0.5)
     system_prompt = _pick(rng, SYSTEM_PROMPTS)
-    drawn = "thinking" if _chance(rng, 0.5) else "instant"
+    drawn = "thinking" if _chance(rng, 1.0 - instant) else "instant"  # instant 0.5: the draws of earlier builds
     mode = mode or drawn
     messages, tools, expected = _BUILDERS[task](rng, image_size)
     if mode == "instant":
@@ -575,8 +579,11 @@ def _weights(mix: Mapping[str, float] | None) -> np.ndarray:
     return weights / weights.sum()
 
 
-def generate(n: int, seed: int, *, mix: Mapping[str, float] | None = None, image_size: int = 56) -> list[dict]:
-    """``n`` samples, tasks drawn with the ``mix`` weights (:data:`DEFAULT_MIX`; missing tasks get 0).
+def generate(
+    n: int, seed: int, *, mix: Mapping[str, float] | None = None, image_size: int = 56, instant: float = 0.5
+) -> list[dict]:
+    """``n`` samples, tasks drawn with the ``mix`` weights (:data:`DEFAULT_MIX`; missing tasks get 0), each in
+    instant mode with probability ``instant`` (thinking mode otherwise).
 
     Sample ``i`` comes from its own generator ``np.random.default_rng([seed, i])``: the same seed gives the same
     list, and a longer list starts with the shorter one.
@@ -588,7 +595,7 @@ def generate(n: int, seed: int, *, mix: Mapping[str, float] | None = None, image
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         task = TASKS[int(rng.choice(len(TASKS), p=weights))]
-        out.append(sample(rng, task, image_size=image_size))
+        out.append(sample(rng, task, image_size=image_size, instant=instant))
     return out
 
 

@@ -84,6 +84,23 @@ def test_structure_modes_and_system(mixed):
     assert T.SYSTEM_PROMPTS[0] == "You are Kimi, an AI assistant created by Moonshot AI."
 
 
+def test_instant_share():
+    """``instant`` sets the share of instant-mode samples; 0.5 keeps the mode draws of earlier builds."""
+
+    def modes(instant):
+        return [s["meta"]["mode"] for s in T.generate(400, seed=5, mix=T.TEXT_MIX, instant=instant)]
+
+    assert modes(0.5) == [s["meta"]["mode"] for s in T.generate(400, seed=5, mix=T.TEXT_MIX)]
+    assert set(modes(0.0)) == {"thinking"} and set(modes(1.0)) == {"instant"}
+    share = modes(0.65).count("instant") / 400
+    assert 0.58 < share < 0.72, share
+    base, more = T.generate(400, seed=5, mix=T.TEXT_MIX), T.generate(400, seed=5, mix=T.TEXT_MIX, instant=0.65)
+    # the same questions whatever the mode share (the draw happens either way)
+    assert [s["messages"][-2] for s in base] == [s["messages"][-2] for s in more]
+    with pytest.raises(ValueError, match="instant"):
+        T.generate(1, seed=0, instant=1.5)
+
+
 def test_mix_weights_and_errors():
     only = T.generate(30, seed=3, mix={"add": 1.0})
     assert {s["meta"]["task"] for s in only} == {"add"}
