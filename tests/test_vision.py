@@ -1,6 +1,7 @@
 """Vision tower units: bicubic resampling vs torch, packed attention, item isolation, the multimodal merge."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,37 @@ def test_blockwise_segment_attention_matches_dense(lengths):
         alone = dense_segment_attention(q[sl], k[sl], v[sl], seg[sl], K**-0.5)
         np.testing.assert_allclose(dense[sl], np.asarray(alone), rtol=1e-5, atol=1e-6)
         start += n
+
+
+@pytest.mark.parametrize("lengths", [[5, 40, 3, 30], [77], [16, 16, 16, 1], [3] * 20])
+def test_blockwise_segment_attention_gradients_match_dense(lengths):
+    """The blockwise form's own backward pass gives the dense attention's gradients (float32, 1e-5)."""
+    rng = np.random.default_rng(3)
+    P, H, K = sum(lengths), 2, 8
+    q, k, v, w = (jnp.asarray(rng.standard_normal((P, H, K)).astype(np.float32)) for _ in range(4))
+    seg = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths).astype(np.int32))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * w)
+
+    dense = jax.grad(loss(lambda q, k, v: dense_segment_attention(q, k, v, seg, K**-0.5)), argnums=(0, 1, 2))(q, k, v)
+    blocked = jax.jit(jax.grad(loss(lambda q, k, v: segment_attention(q, k, v, seg, K**-0.5, block=16)), (0, 1, 2)))(
+        q, k, v
+    )
+    for name, d, b in zip("qkv", dense, blocked, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(d), rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_blockwise_backward_stores_no_block_pair_probabilities():
+    """The compiled gradient of the blockwise form holds no ``[nb, ..., block, block]`` buffer: the probabilities
+    are recomputed in the backward pass, not stored for every block pair."""
+    P, H, K, block = 512, 2, 8, 32
+    q = jnp.ones((P, H, K), jnp.float32)
+    seg = jnp.repeat(jnp.arange(P // 16, dtype=jnp.int32), 16)
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(segment_attention(q, q, q, seg, 0.3, block=block))))
+    text = grad.lower(q).compile().as_text()
+    nb = P // block
+    assert not re.search(rf"f32\[{nb},(\d+,)*{block},{block}\]", text), "block-pair probabilities are stored"
 
 
 def test_items_do_not_attend_to_each_other(model):

@@ -189,6 +189,9 @@ def _capacity(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
+PAD_SEGMENT = 16  # padding patches per padding segment in layout_arrays
+
+
 def layout_arrays(
     items: Sequence[tuple[np.ndarray, Sequence[int]]],
     cfg: VisionConfig,
@@ -203,7 +206,8 @@ def layout_arrays(
     ``items``: ``(pixel_values [t*h*w, 3, ps, ps], (t, h, w))`` per item, in the order their merged tokens fill
     the text. Patches are packed as :meth:`MoonViT.__call__` packs them and padded to ``patch_capacity``
     (default: the next power of two, at least 16); merged tokens to ``token_capacity`` (at least 4). Padding
-    patches form one segment of their own; padding tokens average nothing (weight 0). Keys: :data:`LAYOUT_KEYS`.
+    patches form segments of their own (:data:`PAD_SEGMENT` patches each); padding tokens average nothing
+    (weight 0). Keys: :data:`LAYOUT_KEYS`.
     """
     ps = cfg.patch_size
     kh, kw = cfg.merge_kernel_size
@@ -257,6 +261,9 @@ def layout_arrays(
             out["vision_merge_weight"][token : token + m, f] = 1.0 / t
         start += n
         token += m
+    # Padding patches in segments of PAD_SEGMENT each (ids after the items'), so that a blockwise attention pairs
+    # each padding block with itself only instead of all the padding with all of it.
+    out["vision_segments"][start:] = len(grid) + np.arange(P - start) // PAD_SEGMENT
     return out
 
 
