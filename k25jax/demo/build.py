@@ -196,7 +196,7 @@ def ship(export: str, out: str) -> str:
     return out
 
 
-def plot_loss(metrics_paths: list[str], png: str) -> None:
+def plot_loss(metrics_paths: list[str], png: str, title: str = "demo model: INT4 QAT from scratch") -> None:
     """The training loss (and held-out loss where measured) per step, log scale; the runs one after another (the
     polish run's steps continue the first run's, a dotted line marks where it starts)."""
     import matplotlib
@@ -225,7 +225,7 @@ def plot_loss(metrics_paths: list[str], png: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (assistant tokens)")
-    ax.set_title("demo model: INT4 QAT from scratch")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
