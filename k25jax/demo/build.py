@@ -174,12 +174,17 @@ def make_polish_data(work: str, n: int, text_only: bool) -> str:
     return path
 
 
-def run_stage(cfg, export: str, timings: dict, name: str, t0: float) -> None:
-    """``finetune(cfg)`` unless ``export`` is already written; its wall time goes to ``timings[name + "_s"]``."""
-    from k25jax.train.trainer import finetune
+def run_stage(name: str, config: str, *, out: str, export: str, timings: dict, t0: float, **settings) -> None:
+    """``finetune`` with the settings of ``config`` and ``settings`` (checkpoints and metrics in ``out``, the
+    release written to ``export``), resuming from ``out``'s checkpoints if any; skipped when ``export`` is already
+    written. Its wall time goes to ``timings[name + "_s"]``."""
+    from k25jax.train.trainer import FinetuneConfig, finetune
 
     if _done(os.path.join(export, "config.json")):
         return
+    cfg = FinetuneConfig.from_yaml(
+        config, out=out, export=export, resume=os.path.isdir(os.path.join(out, "checkpoints")), **settings
+    )
     t1 = time.time()
     summary = finetune(cfg)
     timings[name + "_s"] = round(time.time() - t1, 1)
@@ -256,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-ship", action="store_true", help="leave the package's demo release as it is")
     args = p.parse_args(argv)
-    from k25jax.train.trainer import FinetuneConfig
-
     t0 = time.time()
     os.makedirs(args.work, exist_ok=True)
     mix = tasks.TEXT_MIX if args.text_only else None
@@ -267,35 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"init: {init} ({time.time() - t0:.0f} s)", flush=True)
     run = os.path.join(args.work, "run")
     export = os.path.join(args.work, "export")
-    cfg = FinetuneConfig.from_yaml(
-        args.config,
-        model=init,
-        data=train_path,
-        eval_data=held_out_path,
-        out=run,
-        export=export,
-        steps=args.steps,
-        qat=not args.no_qat,
-        resume=os.path.isdir(os.path.join(run, "checkpoints")),
-    )
     timings = {}
-    run_stage(cfg, export, timings, "train", t0)
+    qat = not args.no_qat
+    run_stage(
+        "train", args.config, out=run, export=export, timings=timings, t0=t0,
+        model=init, data=train_path, eval_data=held_out_path, steps=args.steps, qat=qat,
+    )  # fmt: skip
     runs = [run]
     if not args.no_polish:
         polish_path = make_polish_data(args.work, args.polish_samples, args.text_only)
         polish_run, polish_export = os.path.join(args.work, "polish"), os.path.join(args.work, "polish_export")
-        polish_cfg = FinetuneConfig.from_yaml(
-            args.polish_config,
-            model=export,
-            data=polish_path,
-            eval_data=held_out_path,
-            out=polish_run,
-            export=polish_export,
-            steps=args.polish_steps,
-            qat=not args.no_qat,
-            resume=os.path.isdir(os.path.join(polish_run, "checkpoints")),
-        )
-        run_stage(polish_cfg, polish_export, timings, "polish", t0)
+        run_stage(
+            "polish", args.polish_config, out=polish_run, export=polish_export, timings=timings, t0=t0,
+            model=export, data=polish_path, eval_data=held_out_path, steps=args.polish_steps, qat=qat,
+        )  # fmt: skip
         runs.append(polish_run)
         export = polish_export
     out = export
