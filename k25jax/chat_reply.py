@@ -26,11 +26,11 @@ CALL_BEGIN, CALL_ARGS, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_b
 # it from decoded text (markers by name, as the tokenizer decodes special tokens); :func:`parse` is that parser
 # fed the whole text at once, and ``k25jax.serve.reply.ReplyStream`` feeds it token by token.
 EOS = "[EOS]"
-_MARKERS = (THINK, END_THINK, SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARGS, CALL_END, IM_END, EOS)
+MARKERS = (THINK, END_THINK, SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARGS, CALL_END, IM_END, EOS)
 # No marker contains another, so the leftmost complete marker in a buffer is the one a one-shot scan finds, and a
 # buffer's tail that is a proper prefix of a marker is all that ever has to wait for more text.
-_MARKER_PREFIXES = frozenset(m[:i] for m in _MARKERS for i in range(1, len(m)))
-_LONGEST_PREFIX = max(len(m) for m in _MARKERS) - 1
+_MARKER_PREFIXES = frozenset(m[:i] for m in MARKERS for i in range(1, len(m)))
+_LONGEST_PREFIX = max(len(m) for m in MARKERS) - 1
 
 
 @dataclasses.dataclass
@@ -67,8 +67,20 @@ def parse(text: str, *, thinking: bool = True) -> Reply:
     return parser.reply()
 
 
-def parse_ids(ids: Sequence[int], tokenizer, *, thinking: bool = True) -> Reply:
-    """:func:`parse` of generated token ids."""
+def skipped_special_ids(tokenizer) -> frozenset[int]:
+    """The special token ids ``skip_special_tokens`` leaves out of reply text: every one but the reply grammar's
+    :data:`MARKERS` (``<think>``, the tool-call markers, the stop tokens), e.g. ``<|reserved_token_N|>``,
+    ``<|media_pad|>``, ``[BOS]``."""
+    names = getattr(tokenizer, "special_names", {})
+    return frozenset(int(i) for i, name in names.items() if name not in MARKERS)
+
+
+def parse_ids(ids: Sequence[int], tokenizer, *, thinking: bool = True, skip_special_tokens: bool = True) -> Reply:
+    """:func:`parse` of generated token ids; special tokens other than the reply grammar's markers are left out
+    unless ``skip_special_tokens`` is False (then they appear in the text by name)."""
+    if skip_special_tokens:
+        skip = skipped_special_ids(tokenizer)
+        ids = [i for i in ids if int(i) not in skip]
     return parse(tokenizer.decode(ids), thinking=thinking)
 
 
@@ -142,7 +154,7 @@ class ReplyParser:
         if self.done or not text:
             return []
         buf, start = self._pending + text, 0
-        found = {m: buf.find(m) for m in _MARKERS}  # each marker's next position at or after ``start``
+        found = {m: buf.find(m) for m in MARKERS}  # each marker's next position at or after ``start``
         while not self.done:
             live = [(i, m) for m, i in found.items() if i >= 0]
             if not live:

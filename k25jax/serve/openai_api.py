@@ -151,6 +151,7 @@ class SamplingFields(_Model):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM's field: special tokens but the reply markers give no text
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -303,7 +304,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         for s in choice_seeds(base.seed, body.n)
     ]
     gens = service.start(jobs)
-    pipes = [service.pipeline(thinking=thinking, first_call_index=calls, stop=base.stop) for _ in gens]
+    pipes = [
+        service.pipeline(
+            thinking=thinking, first_call_index=calls, stop=base.stop, skip_special_tokens=body.skip_special_tokens
+        )
+        for _ in gens
+    ]
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -467,7 +473,7 @@ async def completions(body: CompletionRequest, request: Request):
         ]
     gens = service.start(jobs)
     stop_ids = base.stop_token_ids if base.stop_token_ids is not None else service.engine.default_stop
-    pipes = [TextPipeline(tok, base.stop, stop_ids) for _ in gens]
+    pipes = [TextPipeline(tok, base.stop, stop_ids, body.skip_special_tokens) for _ in gens]
     echo = [tok.decode(g.job.prompt) if body.echo else "" for g in gens]
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name, "object": "text_completion"}
     want_lps = body.logprobs is not None

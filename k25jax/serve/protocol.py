@@ -30,6 +30,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from k25jax.chat_reply import skipped_special_ids
 from k25jax.sampling import Sampling, SamplingError, sampling_defaults
 
 CANONICAL_ID = re.compile(r"^functions\.(?P<name>.+):(?P<index>\d+)$")
@@ -497,10 +498,12 @@ def chat_logprobs(tok, entries: list) -> dict:
 
 class TextPipeline:
     """Generated tokens -> completion text: UTF-8 completed across tokens, the final stop token dropped, stop
-    strings held back and cut (as :class:`~k25jax.serve.server.ReplyPipeline` does for chat)."""
+    strings held back and cut (as :class:`~k25jax.serve.server.ReplyPipeline` does for chat); with
+    ``skip_special_tokens`` the special tokens other than the reply grammar's markers give no text."""
 
-    def __init__(self, tokenizer, stop, stop_ids):
+    def __init__(self, tokenizer, stop, stop_ids, skip_special_tokens: bool = True):
         self.tok, self.stop, self.stop_ids = tokenizer, [s for s in stop if s], set(stop_ids)
+        self.skip = skipped_special_ids(tokenizer) if skip_special_tokens else frozenset()
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending, self.text = "", ""
@@ -508,6 +511,7 @@ class TextPipeline:
     def feed(self, tokens, final=False, stop_reason=None) -> str:
         if final and tokens and tokens[-1] in self.stop_ids and stop_reason == tokens[-1]:
             tokens = tokens[:-1]
+        tokens = [t for t in tokens if int(t) not in self.skip]
         self.pending += self.decoder.decode(self.tok.decode_bytes(tokens), final=final)
         if final:
             if isinstance(stop_reason, str) and stop_reason in self.pending:

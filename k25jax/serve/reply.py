@@ -13,7 +13,9 @@ What a streaming client sees:
   delta ``{"tool_call": {"index", "id", "name"}}`` then one ``{"tool_call": {"index", "arguments"}}`` with all of
   its arguments. A call that the final message drops (cut by max_tokens, no name, arguments not a JSON object)
   is never streamed, so for every outcome the concatenated deltas equal the final message's fields;
-- nothing for stop tokens (``<|im_end|>``, ``[EOS]``) or anything after them.
+- nothing for stop tokens (``<|im_end|>``, ``[EOS]``) or anything after them;
+- nothing for the other special tokens (``<|reserved_token_N|>``, ``<|media_pad|>``, ``[BOS]``...) unless
+  ``skip_special_tokens=False`` (vLLM's field, default true): the reply grammar's markers above always count.
 
 ``index`` counts the calls returned in this reply from 0 (the OpenAI stream index); the id's IDX is what the
 model wrote (an id that is not ``functions.NAME:IDX`` becomes ``functions.NAME:{first_call_index + index}``).
@@ -25,14 +27,15 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from k25jax.chat_reply import END_THINK, ReplyParser
+from k25jax.chat_reply import END_THINK, ReplyParser, skipped_special_ids
 
 
 class ReplyStream:
     """Incremental parse of one generated reply: :meth:`feed` token ids as they come, :meth:`finish` once."""
 
-    def __init__(self, tokenizer, *, thinking: bool, first_call_index: int = 0):
+    def __init__(self, tokenizer, *, thinking: bool, first_call_index: int = 0, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self._skip = skipped_special_ids(tokenizer) if skip_special_tokens else frozenset()
         self.thinking = thinking
         self.reasoning_tokens = 0  # generated tokens that were reasoning (the closing </think> included)
         self._parser = ReplyParser(thinking=thinking, first_call_index=first_call_index)
@@ -49,6 +52,9 @@ class ReplyStream:
             if parser.done:
                 break
             was_reasoning = parser.reasoning_open
+            if int(token) in self._skip:  # no text, but a generated token of the reasoning all the same
+                self.reasoning_tokens += was_reasoning
+                continue
             text = self._decoder.decode(self.tokenizer.decode_bytes([int(token)]))
             deltas += parser.push(text)
             still = parser.reasoning_open and not parser.done
@@ -79,9 +85,11 @@ class ReplyStream:
         return _merge(deltas), self._message
 
 
-def parse_reply(tokenizer, token_ids: Sequence[int], *, thinking: bool, finish_reason: str = "stop") -> dict:
+def parse_reply(
+    tokenizer, token_ids: Sequence[int], *, thinking: bool, finish_reason: str = "stop", skip_special_tokens=True
+) -> dict:
     """The final message of a whole reply: :class:`ReplyStream` fed every token, then finished."""
-    stream = ReplyStream(tokenizer, thinking=thinking)
+    stream = ReplyStream(tokenizer, thinking=thinking, skip_special_tokens=skip_special_tokens)
     stream.feed(token_ids)
     return stream.finish(finish_reason)[1]
 

@@ -138,9 +138,17 @@ class Service:
             raise
         return out
 
-    def pipeline(self, *, thinking: bool, first_call_index: int = 0, stop: Sequence[str] = ()) -> ReplyPipeline:
+    def pipeline(
+        self, *, thinking: bool, first_call_index: int = 0, stop: Sequence[str] = (), skip_special_tokens: bool = True
+    ) -> ReplyPipeline:
         """A :class:`ReplyPipeline` for one reply."""
-        return ReplyPipeline(self.tokenizer, thinking=thinking, first_call_index=first_call_index, stop=stop)
+        return ReplyPipeline(
+            self.tokenizer,
+            thinking=thinking,
+            first_call_index=first_call_index,
+            stop=stop,
+            skip_special_tokens=skip_special_tokens,
+        )
 
     def guide_factory(self, make: Callable[..., Any], *args, **kwargs) -> Callable[[bool], Any]:
         """``thinking -> guide`` for :class:`Job` (built now once, so a bad schema fails before any submit)."""
@@ -288,8 +296,11 @@ class ReplyPipeline:
         thinking: bool,
         first_call_index: int = 0,
         stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
     ):
-        self.stream = ReplyStream(tokenizer, thinking=thinking, first_call_index=first_call_index)
+        self.stream = ReplyStream(
+            tokenizer, thinking=thinking, first_call_index=first_call_index, skip_special_tokens=skip_special_tokens
+        )
         self.first_call_index = first_call_index
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1

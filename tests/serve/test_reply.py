@@ -20,6 +20,7 @@ from k25jax.chat import (
     ReplyParser,
     parse,
 )
+from k25jax.chat_reply import parse_ids
 from k25jax.serve.reply import ReplyStream, parse_reply
 from k25jax.tokenizer import Tokenizer
 
@@ -487,7 +488,7 @@ def test_random_token_garbage_parses_consistently():
         thinking = rng.random() < 0.5
         deltas, message, _ = run(ids, thinking=thinking, chunks=[rng.randint(1, 5) for _ in range(40)])
         assert joined(deltas) == fields(message)
-        reply = parse(TOK.decode(ids), thinking=thinking)
+        reply = parse_ids(ids, TOK, thinking=thinking)  # special tokens other than markers skipped, as served
         assert (reply.reasoning_content, reply.content, reply.tool_calls, reply.errors) == (
             message["reasoning_content"],
             message["content"],
@@ -669,3 +670,38 @@ def test_random_replies(seed):
         assert all("reasoning_content" not in d for d in deltas)
     for k in dropped:  # each dropped call (invalid, nameless or cut) is reported
         assert any(e.startswith(f"tool call {k} ") and e.endswith("dropped") for e in message["errors"]), (k, message)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# skip_special_tokens (vLLM's field, default true)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_special_tokens_other_than_markers_give_no_text():
+    from k25jax.chat_reply import skipped_special_ids
+    from k25jax.serve.protocol import TextPipeline
+
+    reserved = TOK.token_id("<|reserved_token_" + str(TOK.num_base + 200) + "|>")
+    pad = TOK.token_id("<|media_pad|>")
+    skip = skipped_special_ids(TOK)
+    assert reserved in skip and pad in skip and TOK.token_id("[BOS]") in skip
+    assert not {TOK.token_id(m) for m in MARKERS} & skip  # the reply grammar always counts
+    ids = TOK.encode("Let me see.") + [reserved] + TOK.encode("</think>The answer") + [pad, reserved]
+    ids += TOK.encode(" is 4.") + [TOK.im_end_id]
+    deltas, message, stream = run(ids, thinking=True)
+    assert (message["reasoning_content"], message["content"]) == ("Let me see.", "The answer is 4.")
+    assert joined(deltas) == fields(message)
+    plain, _, plain_stream = run([t for t in ids if t not in (reserved, pad)], thinking=True)
+    assert stream.reasoning_tokens == plain_stream.reasoning_tokens + 1  # the skipped reasoning token still counts
+    kept = ReplyStream(TOK, thinking=True, skip_special_tokens=False)
+    kept.feed(ids)
+    name = TOK.special_names[reserved]
+    assert kept.finish("stop")[1]["content"] == f"The answer<|media_pad|>{name} is 4."
+    reply = parse_ids(ids, TOK, thinking=True)
+    assert (reply.reasoning_content, reply.content) == ("Let me see.", "The answer is 4.")
+    assert parse_ids(ids, TOK, thinking=True, skip_special_tokens=False).reasoning_content == f"Let me see.{name}"
+    text_ids = TOK.encode("Once") + [reserved] + TOK.encode(" upon") + [TOK.im_end_id]
+    pipe = TextPipeline(TOK, [], TOK.stop_ids)
+    assert pipe.feed(text_ids[:2]) + pipe.feed(text_ids[2:], final=True, stop_reason=TOK.im_end_id) == "Once upon"
+    raw = TextPipeline(TOK, [], TOK.stop_ids, skip_special_tokens=False)
+    assert raw.feed(text_ids, final=True, stop_reason=TOK.im_end_id) == f"Once{name} upon"

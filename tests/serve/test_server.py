@@ -391,6 +391,22 @@ def test_stop_string_is_cut_and_never_streamed(srv):
     assert cut.choices[0].finish_reason == finish == "stop" and cut.choices[0].model_extra["stop_reason"] == stop
 
 
+def test_skip_special_tokens_default_and_off(srv):
+    """vLLM's ``skip_special_tokens`` (default true): a reserved token the model emits gives no text; off, its name."""
+    client = srv.openai()
+    reserved = srv.tok.num_base + 200
+    name = srv.tok.special_names[reserved]
+    kw = dict(model="kimi-k2.5", max_tokens=3, temperature=0, logit_bias={str(reserved): 100})
+    chat = dict(kw, messages=[{"role": "user", "content": "Hi"}], extra_body={"thinking": {"type": "disabled"}})
+    default = client.chat.completions.create(**chat)
+    assert default.choices[0].message.content == "" and default.usage.completion_tokens == 3
+    raw = client.chat.completions.create(**dict(chat, extra_body={**chat["extra_body"], "skip_special_tokens": False}))
+    assert raw.choices[0].message.content == name * 3
+    assert client.completions.create(prompt="Once upon", **kw).choices[0].text == ""
+    off = client.completions.create(prompt="Once upon", extra_body={"skip_special_tokens": False}, **kw)
+    assert off.choices[0].text == name * 3
+
+
 def test_completions_models_tokenize_health(srv):
     client = srv.openai()
     models = client.models.list().data
