@@ -323,22 +323,20 @@ def qat_model(cfg: K25Config, setup: TrainSetup, dtype=jnp.bfloat16, base=None):
     """The abstract model as the QAT trainer holds it: experts whose master path ``setup.trainable`` matches are
     fake-quant (``to_fake_quant``), the rest INT4. ``base``: the abstract unconverted model, if already built.
     Returns ``(model, converted expert paths)``."""
-    from k25jax.train.qat import to_fake_quant
+    from k25jax.train.qat import chosen_experts, exact_paths, to_fake_quant
 
-    regex = re.compile(setup.trainable)
     base = base if base is not None else nnx.eval_shape(lambda: _build(cfg, dtype))
-    chosen = [p for p in trained_expert_paths(base) if regex.search(p + "/master")]
+    chosen = chosen_experts(base, setup.trainable)
     if setup.train_layers is not None and setup.train_layers[0] == setup.train_layers[1]:
         chosen = []  # no layer's experts train
 
     def build():
         model = _build(cfg, dtype)
         if chosen:
-            exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
             layers = range(*setup.train_layers) if setup.train_layers is not None else None
             to_fake_quant(
                 model,
-                experts=exact,
+                experts=exact_paths(chosen),
                 grid=setup.grid,
                 scales=setup.scales,
                 master_dtype=setup.master_dtype,

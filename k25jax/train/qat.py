@@ -61,6 +61,19 @@ def expert_weights(model: nnx.Module):
             yield module, name, f"{module_path(path)}/{name}", weight, weight_axes(weight)
 
 
+def chosen_experts(model: nnx.Module, trainable: str) -> list[str]:
+    """The routed-expert weight paths a run with the trainable pattern ``trainable`` trains: those whose master path
+    (``PATH/master``, where the fake-quant master lives) the regex matches. The trainer converts these (fake-quant
+    under QAT, float under PTQ) and the planner counts them, so both read the pattern one way."""
+    regex = re.compile(trainable)
+    return [where for _, _, where, _, _ in expert_weights(model) if regex.search(f"{where}/master")]
+
+
+def exact_paths(paths) -> str:
+    """A regex matching exactly ``paths`` (for :func:`to_fake_quant` / :func:`to_float_experts` ``experts=``)."""
+    return "|".join("^" + re.escape(p) + "$" for p in paths)
+
+
 def weight_axes(weight) -> tuple:
     """The logical axes of an expert weight, whatever type holds it."""
     if isinstance(weight, nnx.Param):

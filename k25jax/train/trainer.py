@@ -48,6 +48,8 @@ from k25jax.train import data as train_data
 from k25jax.train.qat import (
     ROUTER_BIAS,
     QATError,
+    chosen_experts,
+    exact_paths,
     module_path,
     quantize_experts,
     to_fake_quant,
@@ -256,25 +258,14 @@ def prepare(model, cfg: FinetuneConfig, mesh=None) -> Prepared:
 
 
 def _fake_quant_chosen(model, cfg: FinetuneConfig) -> None:
-    import re
-
-    from k25jax.moe import Experts
-
-    regex = re.compile(cfg.trainable)
-    chosen = [
-        f"{module_path(path)}/{name}"
-        for path, module in nnx.iter_modules(model)
-        if isinstance(module, Experts)
-        for name in Experts.WEIGHTS
-        if regex.search(f"{module_path(path)}/{name}/master")
-    ]
+    chosen = chosen_experts(model, cfg.trainable)
     layers = train_layers(cfg.train_layers, model.cfg.text.num_moe_layers) if cfg.train_layers else None
     if layers is not None and not cfg.qat:
         raise QATError("--train-layers applies to QAT; --no-qat trains whole expert stacks as float weights")
     if layers is not None and not chosen:
         raise QATError(f"--train-layers {cfg.train_layers}: --trainable {cfg.trainable!r} selects no routed expert")
     if chosen:
-        exact = "|".join("^" + re.escape(p) + "$" for p in chosen)
+        exact = exact_paths(chosen)
         if not cfg.qat:  # the PTQ baseline: plain float experts (their dequantized values), quantized at export
             to_float_experts(model, cfg.master_dtype, experts=exact)
             return
