@@ -26,10 +26,12 @@ from k25jax.demo.shipped import MODEL_HELP, RANDOM, TINY_NAMES, resolve
 
 class ReplyPrinter:
     """Prints a streamed reply: reasoning under ``--- thinking ---``, the answer under ``--- answer ---``; the
-    tool-call section is held back and printed parsed at the end."""
+    tool-call section is held back and printed parsed at the end. Special tokens other than the reply markers
+    print nothing (as :func:`k25jax.chat.parse_ids` and the server skip them)."""
 
     def __init__(self, tokenizer, thinking: bool, out=None):
         from k25jax.chat import SECTION_BEGIN, SECTION_END
+        from k25jax.chat_reply import skipped_special_ids
         from k25jax.tokenizer import StreamDecoder
 
         self.tok = tokenizer
@@ -39,6 +41,7 @@ class ReplyPrinter:
         self.section_begin = tokenizer.token_id(SECTION_BEGIN)
         self.section_end = tokenizer.token_id(SECTION_END)
         self.stops = set(tokenizer.stop_ids)
+        self.skip = skipped_special_ids(tokenizer)  # no text for them, as the parsed reply and the server
         self.in_calls = False
         self.ids: list[int] = []
         self._write("--- thinking ---\n" if thinking else "--- answer ---\n")
@@ -49,7 +52,7 @@ class ReplyPrinter:
 
     def push(self, token: int) -> None:
         self.ids.append(token)
-        if token in self.stops:
+        if token in self.stops or token in self.skip:
             return
         if token == self.end_think:
             self._write(self.decoder.flush() + "\n--- answer ---\n")
