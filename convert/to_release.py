@@ -138,18 +138,35 @@ def checkpoint_reader(ckpt: str, cfg: K25Config, entries: list[Entry]) -> tuple[
     return read, {p: found[p].chunks[s.index_dims :] for p, s in expected.items()}
 
 
+HOST_COPY_BYTES = 64 * 2**20  # model_reader: arrays up to this size are sliced on the host
+
+
 def model_reader(model: K25, cfg: K25Config) -> SlotReader:
     """Read slots of an in-memory model; float experts of a quantized ``cfg`` are quantized (release rule)."""
     flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     group = cfg.quantization.group_size if cfg.quantization else None
     cache: dict = {}  # (weight path, slot) -> [device words, device scales, parts not yet taken]
     lock = threading.Lock()
+    host: dict = {}  # path -> the whole array on the host, for arrays of at most HOST_COPY_BYTES
+
+    def sliced(path, key):
+        """``flat[path][key]`` as a numpy array. A small, fully addressable array is copied to the host once and
+        sliced there: slicing it on the device compiles an XLA program per slice shape (~50 ms each; 40 of them
+        in a demo-model export). Large or sharded arrays are sliced on the device, so only the slot travels."""
+        value = flat[path]
+        if getattr(value, "is_fully_addressable", True) and value.nbytes <= HOST_COPY_BYTES:
+            with lock:
+                whole = host.get(path)
+                if whole is None:
+                    whole = host[path] = np.asarray(jax.device_get(value))
+            return whole[key]
+        return np.asarray(jax.device_get(value[key]))
 
     def int4_slot(base, index, part: int):
         with lock:
             hit = cache.get((base, index))
         if hit is None:
-            w = np.asarray(jax.device_get(flat[base][index]), np.float32)  # [K, N] = [in, out]
+            w = np.asarray(sliced(base, index), np.float32)  # [K, N] = [in, out]
             q, scale = quant.quantize_release(np.ascontiguousarray(w.T), group, scale_dtype=NUMPY_DTYPES["BF16"])
             hit = [*quant.release_to_device(quant.pack_release(q), scale), 2]
             with lock:
@@ -165,7 +182,7 @@ def model_reader(model: K25, cfg: K25Config) -> SlotReader:
             return int4_slot(path[:-1], index, 0 if path[-1] == "packed" else 1)[region]
         if path not in flat:
             raise ExportError(f"model has no parameter {'/'.join(path)} (config {cfg.name!r} expects it)")
-        return np.asarray(jax.device_get(flat[path][(*index, *region)]))
+        return sliced(path, (*index, *region))
 
     return read
 

@@ -10,7 +10,9 @@ import tempfile
 # time is most of their time (the engine tests take 27% less wall time this way); HLO passes (fusion, layout,
 # sharding) run as ever. K25JAX_TEST_XLA_OPT=1 keeps XLA's default backend optimization.
 _opt = "" if os.environ.get("K25JAX_TEST_XLA_OPT") == "1" else " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _opt).strip()
+if "PYTEST_XDIST_WORKER" not in os.environ:  # an xdist worker inherits the controller's flags and cache (below)
+    _flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _opt
+    os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent XLA compilation cache for this pytest session (a fresh temporary folder, removed at exit): many tests
 # build the same tiny models and compile the same programs, and jax.clear_caches() between modules (below) would
@@ -18,7 +20,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (tests/test_notebooks.py), so their time limits are a cold user's. K25JAX_TEST_COMPILE_CACHE=0 turns it off;
 # K25JAX_TEST_COMPILE_CACHE=<dir> keeps the cache in <dir> across runs.
 _cache = os.environ.get("K25JAX_TEST_COMPILE_CACHE", "")
-if _cache != "0":
+if "PYTEST_XDIST_WORKER" in os.environ:
+    pass  # the controller's cache (set in the environment it started this worker with), shared by the workers
+elif _cache != "0":
     if not _cache:
         _cache = tempfile.mkdtemp(prefix="k25jax-test-xla-cache-")
         atexit.register(shutil.rmtree, _cache, ignore_errors=True)

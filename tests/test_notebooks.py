@@ -15,6 +15,8 @@ import time
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.notebook  # timed: the README runs these after the parallel suite, on their own
+
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 PATHS = sorted(glob.glob(os.path.join(NOTEBOOKS, "*.ipynb")))
 TIME_LIMIT_S = 120  # per notebook, kernel start included
